@@ -1,0 +1,35 @@
+# `make repro` sets up .venv and runs the pipeline on the default (chat) data;
+# `make test` runs the tests. PYTHON=/path/to/python reuses an existing environment.
+PYTHON ?= .venv/bin/python
+BIN := $(dir $(PYTHON))
+# Stage commands call `python`: put the environment's interpreter first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install repro test bench ui params serve clean
+
+.venv/bin/python:
+	python3 -m venv .venv
+
+install: $(PYTHON)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+
+repro: install
+	$(PYTHON) -m dvc repro
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) -m nextword.bench
+
+# Rewrite params.yaml from conf/ (the chat preset), as `dvc exp run` does.
+params: install
+	$(PYTHON) -m nextword.cli params
+
+ui: install
+	$(PYTHON) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+serve: install
+	$(PYTHON) -m nextword.cli serve

@@ -1,0 +1,161 @@
+"""Typed params: ``params.yaml`` is parsed and validated here, once.
+
+Every stage calls :func:`load_params` first, so a bad value anywhere in the
+file is refused before any work is done, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nextword.errors import NextwordError
+
+SPEAKERS = ("user", "agent")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitParams(_Section):
+    """Fractions of conversations held out; the rest is train."""
+
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_train(self):
+        if self.val + self.test >= 1:
+            raise ValueError("val + test must be below 1, so that some conversations are left to train on")
+        return self
+
+
+class DataParams(_Section):
+    csv: str = Field(min_length=1)
+    format: Literal["csv", "text"] = "csv"
+    split: SplitParams = SplitParams()
+    # Rows without a conversation_id are grouped into blocks of this many
+    # consecutive messages, each block one pseudo-conversation.
+    block_messages: int = Field(20, ge=1)
+
+
+class VocabParams(_Section):
+    min_freq: int = Field(1, ge=1)
+    max_size: int = Field(20000, ge=7)  # includes the six specials
+
+
+class WindowParams(_Section):
+    length: int = Field(ge=1)
+    speaker_tags: bool = True
+
+
+class ModelParams(_Section):
+    cell: Literal["lstm", "gru"] = "lstm"
+    embedding: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+    tie_weights: bool = False
+    adaptive_softmax: bool = False
+    cutoffs: list[int] = [2000, 8000]
+
+    @field_validator("cutoffs")
+    @classmethod
+    def _increasing(cls, v):
+        if not v or any(b <= a for a, b in zip(v, v[1:])) or v[0] < 1:
+            raise ValueError("must be a non-empty list of increasing positive ints")
+        return v
+
+
+class TrainParams(_Section):
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    clip: float = Field(gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0)  # 0: torch's default for this machine
+    # Stop after this many optimizer steps per epoch (0: the whole epoch);
+    # used by the chat preset to fit a time budget, and by tests.
+    max_steps_per_epoch: int = Field(0, ge=0)
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(64, ge=1)
+
+
+class Prompt(_Section):
+    speaker: Literal["user", "agent"] = "user"
+    text: str
+
+
+class SampleParams(_Section):
+    prompts: list[Prompt] = Field(min_length=1)
+    k: int = Field(5, ge=1)
+    max_words: int = Field(20, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    top_k: int = Field(20, ge=1)
+    top_p: float = Field(0.9, gt=0, le=1)
+    beam_size: int = Field(4, ge=1)
+    banned_words: str | None = None
+
+
+class Params(_Section):
+    preset: Literal["toy", "chat", "custom"] = "custom"
+    seed: int = 0
+    data: DataParams
+    vocab: VocabParams = VocabParams()
+    window: WindowParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams = EvaluateParams()
+    sample: SampleParams
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "missing"
+    elif "input" in first and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    return f"{key}: {msg}"
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise NextwordError(f"{source}: {_describe(err)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NextwordError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise NextwordError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise NextwordError(f"{path}: expected a mapping of sections")
+    return parse_params(raw, str(path))
+
+
+def flatten(obj, prefix: str = "") -> dict[str, object]:
+    """Flatten nested params to dotted keys, as MLflow and ``dvc exp show`` display them."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump()
+    out: dict[str, object] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = obj
+    return out
