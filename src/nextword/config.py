@@ -135,17 +135,19 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         raise NextwordError(f"{source}: {_describe(err)}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", name: str | None = None) -> Params:
+    """Read and validate a params file; errors name it as ``name`` (default: its path)."""
     path = Path(path)
+    name = name or str(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise NextwordError(f"{path}: file not found") from None
+        raise NextwordError(f"{name}: file not found") from None
     except yaml.YAMLError as err:
-        raise NextwordError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise NextwordError(f"{name}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise NextwordError(f"{path}: expected a mapping of sections")
-    return parse_params(raw, str(path))
+        raise NextwordError(f"{name}: expected a mapping of sections")
+    return parse_params(raw, name)
 
 
 def flatten(obj, prefix: str = "") -> dict[str, object]:
