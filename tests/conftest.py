@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny trained model folder that gives predictable suggestions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nextword.model import LanguageModel, ModelConfig, detach_state, save_model_dir
+from nextword.text import tokenize
+from nextword.vocab import Vocab
+from nextword.windows import cut_windows, lanes, split_stream
+
+TINY_CONVERSATION = [
+    ("user", "good morning , how are you today ?"),
+    ("agent", "i am fine , thank you very much !"),
+    ("user", "what do you like to do for fun ?"),
+    ("agent", "i like to read books and play music ."),
+]
+
+
+def train_tiny_model(messages=TINY_CONVERSATION, steps: int = 150, seed: int = 0):
+    """A small LSTM trained to memorise ``messages`` (repeated): (model, vocab)."""
+    torch.manual_seed(seed)
+    tokenized = [(speaker, tokenize(text)) for speaker, text in messages]
+    vocab = Vocab.build([toks for _, toks in tokenized])
+    stream = split_stream(tokenized * 20, vocab, speaker_tags=True)
+    windows = cut_windows(stream, 8)
+    data = torch.from_numpy(lanes(windows, 8, pad_tail=False)).long()
+    model = LanguageModel(ModelConfig(vocab_size=len(vocab), embedding=32, hidden=64, layers=1, dropout=0.0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for step in range(steps):
+        state = None
+        for batch in data:
+            feats, state = model.features(batch[:, :-1], state)
+            loss, _ = model.loss(feats, batch[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            state = detach_state(state)
+        if loss.item() < 0.05:
+            break
+    return model.eval(), vocab
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    model, vocab = train_tiny_model()
+    path = tmp_path_factory.mktemp("model") / "model"
+    save_model_dir(path, model, vocab, {"speaker_tags": True, "window_length": 8})
+    return path
+
+
+def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float = 10.0):
+    """An Engine whose next-token distribution never changes: softmax of ``logits`` (and the specials).
+
+    A real LanguageModel with a zero output matrix, so its output bias alone
+    sets the distribution and suggestions can be worked out by hand. The
+    specials get ``special_logit`` (by default more than any word) to show
+    they are filtered, not merely unlikely; tokens not in ``logits`` get -20.
+    """
+    from nextword.engine import Engine
+    from nextword.model import LanguageModel, ModelConfig
+    from nextword.vocab import SPECIALS, Vocab
+
+    tokens = list(SPECIALS) + [t for t in logits if t not in SPECIALS]
+    vocab = Vocab(tokens, [0] * len(tokens))
+    model = LanguageModel(ModelConfig(vocab_size=len(vocab), embedding=4, hidden=4, layers=1, dropout=0.0))
+    with torch.no_grad():
+        model.decoder.weight.zero_()
+        model.decoder.bias.fill_(-20.0)
+        model.decoder.bias[: len(SPECIALS)] = special_logit
+        for token, logit in logits.items():
+            model.decoder.bias[vocab.id(token)] = logit
+    return Engine(model.eval(), vocab, {"speaker_tags": True, "window_length": 4}, set(banned))
+
+
+@pytest.fixture
+def fixed_engine():
+    return make_fixed_engine

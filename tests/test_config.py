@@ -1,0 +1,98 @@
+"""Params: validated once, refused before any work with the key named."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nextword.config import flatten, load_params, parse_params
+from nextword.errors import NextwordError
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_value(key: str, value):
+    raw = copy.deepcopy(RAW)
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return raw
+
+
+def test_committed_params_are_valid_and_the_chat_preset():
+    params = load_params(ROOT / "params.yaml")
+    assert params.preset == "chat" and params.window.length == 15 and params.model.layers == 2
+    assert params.model.embedding == 256 and params.model.hidden == 512 and params.train.batch_size == 64
+    assert params.seed == 7 and params.window.speaker_tags
+
+
+def test_committed_params_match_conf(tmp_path):
+    """params.yaml is conf/ composed with the chat preset, so `dvc exp run -S` and `dvc repro` agree."""
+    out = tmp_path / "params.yaml"
+    subprocess.run([sys.executable, "-m", "nextword.cli", "params", "chat", "--conf", str(ROOT / "conf"),
+                    "--out", str(out)], check=True, capture_output=True)
+    assert yaml.safe_load(out.read_text()) == RAW
+
+
+def test_toy_preset(tmp_path):
+    out = tmp_path / "params.yaml"
+    subprocess.run([sys.executable, "-m", "nextword.cli", "params", "toy", "model.layers=2", "--conf",
+                    str(ROOT / "conf"), "--out", str(out)], check=True, capture_output=True)
+    toy = load_params(out)
+    assert (toy.preset, toy.seed, toy.window.length, toy.window.speaker_tags) == ("toy", 42, 5, False)
+    assert (toy.model.embedding, toy.model.hidden, toy.model.layers, toy.model.dropout) == (128, 256, 2, 0.2)
+    assert (toy.train.batch_size, toy.train.epochs, toy.train.lr, toy.train.clip) == (16, 30, 0.001, 1.0)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("model.layers", 0),
+        ("model.dropout", 1.0),
+        ("model.dropout", -0.1),
+        ("window.length", 0),
+        ("sample.temperature", 0),
+        ("sample.top_p", 0),
+        ("sample.top_p", 1.5),
+        ("preset", "huge"),
+        ("train.lr", "fast"),
+    ],
+)
+def test_invalid_values_name_the_key(key, value):
+    with pytest.raises(NextwordError, match=rf"^params.yaml: {key}: "):
+        parse_params(with_value(key, value))
+
+
+def test_unknown_key_is_refused():
+    raw = with_value("model.layer", 2)
+    with pytest.raises(NextwordError, match="model.layer: unknown key"):
+        parse_params(raw)
+
+
+def test_unknown_preset_on_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nextword.cli", "params", "huge", "--conf", str(ROOT / "conf"),
+                           "--out", str(tmp_path / "p.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "corpus/huge" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_stage_refuses_bad_params_before_any_work(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(with_value("sample.top_p", 2)))
+    out = tmp_path / "raw.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "src/stages/fetch_chitchat.py"), "--params", str(bad),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: sample.top_p: Input should be less than or equal to 1 (got 2)"
+    assert not out.exists()
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(load_params(ROOT / "params.yaml"))
+    assert flat["model.layers"] == 2 and flat["data.split.val"] == 0.1
