@@ -1,0 +1,220 @@
+"""The web API over real HTTP: a uvicorn server on a free port of 127.0.0.1, spoken to with urllib."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from nextword.engine import Engine
+from nextword.server import MAX_BODY, EventLog, Message, SessionCache, background_server, create_app, split_typed
+
+GREETING = "good morning , how are you today ?"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("server") / "keystrokes.jsonl"
+    with background_server(create_app(tiny_model_dir, log_path=log_path)) as url:
+        yield url, log_path
+
+
+def request(url: str, body=None, *, raw: bytes | None = None, content_type: str = "application/json"):
+    """(status, parsed JSON body, headers) of a GET, or of a POST when a body is given."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return response.status, json.load(response), response.headers
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err), err.headers
+
+
+def suggest(server, text, speaker="user", **fields):
+    url, _ = server
+    status, body, _ = request(f"{url}/api/suggest", {"speaker": speaker, "text": text, **fields})
+    assert status == 200, body
+    return body
+
+
+def words(body) -> list[str]:
+    return [s["word"] for s in body["suggestions"]]
+
+
+def test_split_typed_keeps_the_word_being_typed_apart():
+    assert split_typed("how are y") == (["how", "are"], "y", 8)
+    assert split_typed("how are ") == (["how", "are"], "", 8)
+    assert split_typed("") == ([], "", 0)
+    assert split_typed("Hello,Wor") == (["hello", ","], "wor", 6)
+    assert split_typed("it'") == ([], "it'", 0)  # an apostrophe inside a word keeps the word open
+    assert split_typed("hey-") == (["hey"], "", 4)
+    assert split_typed("'tis") == ([], "tis", 1)
+
+
+def test_suggests_next_words_and_completes_the_partial_word(server):
+    body = suggest(server, "good morning , how are ")
+    assert words(body)[0] == "you"
+    assert body["partial"] == "" and len(body["suggestions"]) == 3
+    probabilities = [s["probability"] for s in body["suggestions"]]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
+    body = suggest(server, "good morning , how are y")
+    assert body["partial"] == "y" and body["start"] == len("good morning , how are ")
+    assert words(body) == ["you"]  # only words that start with the prefix
+    assert body["latency_ms"] >= 0
+
+
+def test_k_sets_how_many_come_back(server):
+    assert len(suggest(server, "", k=1)["suggestions"]) == 1
+    assert len(suggest(server, "", k=5)["suggestions"]) == 5
+
+
+def test_the_conversation_and_speaker_condition_the_suggestions(server):
+    history = [{"speaker": "user", "text": GREETING}]
+    assert words(suggest(server, "i am f", speaker="agent", history=history))[0] == "fine"
+    assert words(suggest(server, "", speaker="agent", history=history))[0] == "i"
+
+
+def test_a_keystroke_inside_a_word_runs_no_model_step(server):
+    history = [{"speaker": "agent", "text": "i like to read books and play music ."}]
+    first = suggest(server, "what do y", history=history)
+    assert first["steps"] == 2 + 9 + 1 + 2 + 2  # history: tag, <BOS>, 9 tokens, <EOS>; then tag, <BOS>, 2 words
+    assert suggest(server, "what do yo", history=history)["steps"] == 0
+    assert suggest(server, "what do you", history=history)["steps"] == 0
+    assert suggest(server, "what do you ", history=history)["steps"] == 1  # the word is committed: one step
+    sent = history + [{"speaker": "user", "text": "what do you like"}]
+    # Sending the message costs its last word, <EOS>, and the next message's tag and <BOS>.
+    assert suggest(server, "", speaker="agent", history=sent)["steps"] == 4
+
+
+def test_cached_sessions_give_what_a_fresh_session_gives(server, tiny_model_dir):
+    engine = Engine.load(tiny_model_dir)
+    history = [{"speaker": "user", "text": GREETING}, {"speaker": "agent", "text": "i am fine , thank you"}]
+    for speaker, text in [("user", "what do y"), ("user", "what do you like to "), ("agent", ""), ("user", "Good mor")]:
+        session = engine.session()
+        for message in history:
+            session.add_message(message["speaker"], message["text"])
+        partial = session.type_text(speaker, text)
+        expected = session.suggest(partial, 3)
+        body = suggest(server, text, speaker=speaker, history=history)
+        assert words(body) == [s.word for s in expected], text
+        assert [s["probability"] for s in body["suggestions"]] == pytest.approx([s.probability for s in expected], rel=1e-4)
+
+
+def test_the_session_cache_resumes_from_the_longest_cached_prefix_and_forgets_the_oldest(tiny_model_dir):
+    cache = SessionCache(Engine.load(tiny_model_dir), size=2)
+    greeting = [Message(speaker="user", text=GREETING)]
+    first = cache.key(greeting, "agent", ["i", "am"])
+    assert cache.session(first)[1] == len(first)
+    assert cache.session(first)[1] == 0
+    assert cache.session(first + ("fine",))[1] == 1
+    sent = cache.key(greeting + [Message(speaker="agent", text="i am fine")], "user", [])
+    assert cache.session(sent)[1] == 3  # <EOS>, <USER>, <BOS> after "... i am fine"
+    assert cache.session(first)[1] == len(first)  # the least recently used, so evicted by the third
+    assert cache.session(sent)[1] == 0
+
+
+def test_complete_extends_the_line(server):
+    url, _ = server
+    status, body, _ = request(f"{url}/api/complete", {"speaker": "user", "text": "good morning , how are y"})
+    assert status == 200, body
+    assert body["words"] == ["you", "today", "?"] and body["completion"] == "you today?"
+    assert body["line"] == "good morning , how are you today?"
+    status, body, _ = request(f"{url}/api/complete", {"speaker": "user", "text": "good morning ", "strategy": "beam"})
+    assert status == 200 and body["words"][:3] == [",", "how", "are"]
+    status, body, _ = request(f"{url}/api/complete", {"speaker": "user", "text": "good qx"})
+    assert status == 200 and body["words"] == [] and body["line"] == "good qx"  # no word starts with qx
+    status, body, _ = request(f"{url}/api/complete", {"speaker": "user", "text": "", "strategy": "sample",
+                                                      "top_p": 0.9, "seed": 3, "max_words": 2})
+    assert status == 200 and 1 <= len(body["words"]) <= 2
+
+
+def test_events_are_appended_to_the_log_and_summarised(server, tmp_path):
+    url, log_path = server
+    events = [
+        {"type": "keystroke", "latency_ms": 4.0, "server_ms": 0.5},
+        {"type": "keystroke", "latency_ms": 8.0, "server_ms": 0.7},
+        {"type": "accepted", "word": "you", "rank": 1, "via": "tab", "typed": 1},
+        {"type": "accepted", "word": "today", "rank": 2, "via": "click"},
+        {"type": "ignored", "word": "morning", "suggested": True},
+    ]
+    status, stats, _ = request(f"{url}/api/events", {"events": events})
+    assert status == 200, stats
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [line["type"] for line in lines] == ["keystroke", "keystroke", "accepted", "accepted", "ignored"]
+    assert all("time" in line for line in lines) and lines[3]["via"] == "click"
+    status, again, _ = request(f"{url}/api/stats")
+    assert status == 200 and again == stats
+    assert stats["accepted"] == 2 and stats["ignored"] == 1 and stats["keystrokes"] == 2
+    assert stats["acceptance_rate"] == pytest.approx(2 / 3)
+    assert stats["latency_ms"]["p50"] == pytest.approx(6.0) and stats["latency_ms"]["p99"] == pytest.approx(7.96)
+    assert stats["server_ms"]["p50"] == pytest.approx(0.6)
+    # A restarted server reads the same totals back, skipping a line cut short by a crash.
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(log_path.read_text() + '{"type": "accep')
+    assert EventLog(copy).stats() == stats
+    assert EventLog(tmp_path / "none.jsonl").stats()["acceptance_rate"] is None
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("suggest", {"text": "hi"}, "speaker"),
+    ("suggest", {"speaker": "user"}, "text"),
+    ("suggest", {"speaker": "bob", "text": "hi"}, "speaker"),
+    ("suggest", {"speaker": "user", "text": "x" * 2001}, "text"),
+    ("suggest", {"speaker": "user", "text": "hi", "k": 0}, "k"),
+    ("suggest", {"speaker": "user", "text": "hi", "k": 11}, "k"),
+    ("suggest", {"speaker": "user", "text": 5}, "text"),
+    ("suggest", {"speaker": "user", "text": "hi", "history": "hello"}, "history"),
+    ("suggest", {"speaker": "user", "text": "hi", "history": [{"speaker": "user"}]}, "history.0.text"),
+    ("suggest", {"speaker": "user", "text": "hi", "prefix": "h"}, "prefix"),
+    ("suggest", ["user", "hi"], "body"),
+    ("complete", {"speaker": "user", "text": "hi", "strategy": "random"}, "strategy"),
+    ("complete", {"speaker": "user", "text": "hi", "max_words": 0}, "max_words"),
+    ("complete", {"speaker": "user", "text": "hi", "temperature": 0}, "temperature"),
+    ("events", {"events": []}, "events"),
+    ("events", {"events": [{"type": "clicked"}]}, "events.0"),
+    ("events", {"events": [{"type": "keystroke", "latency_ms": -1}]}, "latency_ms"),
+])
+def test_bad_requests_get_a_4xx_naming_the_field(server, path, body, field):
+    url, _ = server
+    status, answer, _ = request(f"{url}/api/{path}", body)
+    assert status == 422
+    assert field in answer["error"], answer
+
+
+def test_a_body_that_is_not_json_gets_a_400(server):
+    url, _ = server
+    status, answer, _ = request(f"{url}/api/suggest", raw=b"{speaker: user")
+    assert status == 400 and "not valid JSON" in answer["error"]
+    status, answer, _ = request(f"{url}/api/suggest", raw=b"speaker=user&text=hi",
+                                content_type="application/x-www-form-urlencoded")
+    assert 400 <= status < 500 and "body" in answer["error"]
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server):
+    url, _ = server
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=10)
+    connection.putrequest("POST", "/api/suggest")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(MAX_BODY + 1))
+    connection.endheaders()  # the body is never sent: the answer comes from the header alone
+    response = connection.getresponse()
+    assert response.status == 413 and "body" in json.load(response)["error"]
+    connection.close()
+
+
+def test_the_page_and_its_files_are_served_locally(server):
+    url, _ = server
+    with urllib.request.urlopen(f"{url}/", timeout=10) as response:
+        page = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    assert 'data-testid="suggestions"' in page and "/static/app.js" in page
+    assert "http://" not in page and "https://" not in page  # nothing from the network
+    for name in ("app.js", "style.css"):
+        with urllib.request.urlopen(f"{url}/static/{name}", timeout=10) as response:
+            text = response.read().decode()
+            assert response.status == 200 and "http://" not in text and "https://" not in text
