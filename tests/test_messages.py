@@ -122,3 +122,19 @@ def test_ingest_stage_keeps_the_old_output_when_the_new_input_is_bad(tmp_path):
     assert proc.returncode == 2
     assert out.read_bytes() == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["messages.parquet"]
+
+
+def test_text_format_file_and_folder(tmp_path):
+    path = write(tmp_path / "corpus.txt", "first line here\n\n = heading = \nthird line\n")
+    df = load_messages(path, "text", 0.0, 0.0)
+    assert list(df["text"]) == ["first line here", " = heading = ", "third line"]  # the blank line is skipped
+    assert df["conversation_id"].is_unique and (df["speaker"] == "user").all()
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    for name, text in (("train.txt", "a b\nc d\n"), ("valid.txt", "e f\n"), ("test.txt", "g h\n")):
+        write(folder / name, text)
+    df = load_messages(folder, "text", 0.1, 0.1)
+    assert list(df["split"]) == ["train", "train", "val", "test"]
+    (folder / "test.txt").unlink()
+    with pytest.raises(NextwordError, match="test.txt is missing"):
+        load_messages(folder, "text", 0.1, 0.1)

@@ -111,9 +111,28 @@ def read_csv_messages(path: str | Path, block_messages: int = 20) -> pd.DataFram
     return out
 
 
+TEXT_SPLIT_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
+
+
 def read_text_messages(path: str | Path) -> pd.DataFrame:
-    """A plain-text corpus: each non-blank line is one sequence (one conversation, one message)."""
+    """A plain-text corpus: each non-blank line is one sequence (one conversation, one message).
+
+    ``path`` is a file, split by the hash of the line number like any other
+    corpus, or a folder holding ``train.txt``, ``valid.txt`` and ``test.txt``
+    (the layout of WikiText-2), whose split is kept as given.
+    """
     path = Path(path)
+    if path.is_dir():
+        parts = []
+        for split, name in TEXT_SPLIT_FILES.items():
+            if not (path / name).exists():
+                raise NextwordError(f"{path}: a text corpus folder needs {', '.join(TEXT_SPLIT_FILES.values())}; "
+                                    f"{name} is missing")
+            part = read_text_messages(path / name)
+            part["conversation_id"] = split + "-" + part["conversation_id"]
+            part["split"] = split
+            parts.append(part)
+        return pd.concat(parts, ignore_index=True)
     _check_readable(path)
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
