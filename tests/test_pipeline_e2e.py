@@ -71,7 +71,8 @@ def test_repro_then_experiment_then_temperature(project):
     repo = project.path
     dvc = lambda *args: project.run(sys.executable, "-m", "dvc", *args)  # noqa: E731
     first = dvc("repro")
-    assert {"ingest", "tokenize", "vocab", "window", "train", "evaluate", "sample"} <= set(stages_run(first.stdout))
+    assert {"ingest", "tokenize", "vocab", "window", "baseline", "train", "evaluate", "sample"} <= set(
+        stages_run(first.stdout))
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     for split in ("val", "test"):
         assert metrics[split]["tokens"] > 0 and 1 < metrics[split]["perplexity"] < 10_000
@@ -86,7 +87,7 @@ def test_repro_then_experiment_then_temperature(project):
     # an experiment with two layers: data stages are cached, train/evaluate/sample rerun
     exp = dvc("exp", "run", "-n", "two-layers", "-S", "corpus=toy", "-S", "model.layers=2")
     ran = set(stages_run(exp.stdout))
-    assert {"train", "evaluate", "sample"} <= ran and not ran & {"ingest", "tokenize", "vocab", "window"}
+    assert {"train", "evaluate", "sample"} <= ran and not ran & {"ingest", "tokenize", "vocab", "window", "baseline"}
     shown = json.loads(dvc("exp", "show", "--json").stdout)
     layers = {}
     for node in walk(shown):
@@ -120,7 +121,7 @@ def test_repro_then_experiment_then_temperature(project):
         assert run.data.params["preset"] == "toy" and run.data.params["window.length"] == "5"
         history = client.get_metric_history(run.info.run_id, "val_perplexity")
         assert [m.step for m in history] == list(range(1, 31))
-        assert "lstm_test_perplexity" in run.data.metrics and "lstm_test_top3" in run.data.metrics
+        assert {"lstm_test_perplexity", "lstm_test_top3", "baseline_test_perplexity"} <= set(run.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
         assert {"model/weights.pt", "model/vocab.json", "model/config.json"} <= artifacts
         assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/epochs.csv"]

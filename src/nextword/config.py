@@ -62,6 +62,8 @@ class ModelParams(_Section):
     tie_weights: bool = False
     adaptive_softmax: bool = False
     cutoffs: list[int] = [2000, 8000]
+    embedding_dropout: float = Field(0.0, ge=0, lt=1)  # drops whole words from the embedding
+    locked_dropout: bool = False  # one dropout mask per sequence, reused at every time step
 
     @field_validator("cutoffs")
     @classmethod
@@ -81,10 +83,20 @@ class TrainParams(_Section):
     # Stop after this many optimizer steps per epoch (0: the whole epoch);
     # used by the chat preset to fit a time budget, and by tests.
     max_steps_per_epoch: int = Field(0, ge=0)
+    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU (fast where it has AVX512-BF16 or AMX).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    processes: int = Field(1, ge=1)  # >1: the stage relaunches itself under torchrun with this many
+    lr_decay: float = Field(0.25, gt=0, le=1)  # multiply lr by this when val loss stops improving (1: off)
+    lr_patience: int = Field(0, ge=0)  # epochs without improvement before lr_decay applies
+    patience: int = Field(0, ge=0)  # early stopping: epochs without improvement before stopping (0: off)
 
 
 class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
+
+
+class BaselineParams(_Section):
+    order: int = Field(4, ge=1)  # of the Kneser-Ney n-gram baseline
 
 
 class Prompt(_Section):
@@ -112,6 +124,7 @@ class Params(_Section):
     model: ModelParams
     train: TrainParams
     evaluate: EvaluateParams = EvaluateParams()
+    baseline: BaselineParams = BaselineParams()
     sample: SampleParams
 
 

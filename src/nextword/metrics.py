@@ -6,8 +6,9 @@
   word counts as a word and always as a miss), and the candidates are words
   only, as a suggestion strip would show them.
 
-The split's windows are read in lanes with the recurrent state carried from
-one window to the next, the same way training reads them.
+Both the LSTM and the n-gram baseline are scored by :class:`Scores`, on the
+same targets. The LSTM reads a split's windows in lanes with the recurrent
+state carried from one window to the next, the same way training reads them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from nextword.ngram import stream_from_windows
 from nextword.text import is_word
 from nextword.vocab import PAD_ID, UNK, Vocab
 from nextword.windows import lanes
@@ -30,36 +32,69 @@ def word_masks(vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
     return target_words, suggestable
 
 
+class Scores:
+    """Running totals over scored positions: the one place where the metrics are computed.
+
+    ``add`` takes ``[..., V]`` log-probabilities and ``[...]`` target ids from
+    any model (the LSTM, the n-gram baseline); PAD targets are skipped.
+    """
+
+    def __init__(self, vocab: Vocab, device="cpu"):
+        target_words, suggestable = (torch.from_numpy(m).to(device) for m in word_masks(vocab))
+        self.target_words = target_words
+        # Added to log-probabilities so that only words can be suggested: cheaper than masked_fill.
+        self.not_suggestable = torch.zeros(len(vocab), device=device).masked_fill(~suggestable, -math.inf)
+        self.nll = 0.0
+        self.tokens = self.words = self.top1 = self.top3 = 0
+
+    def add(self, log_probs: torch.Tensor, targets: torch.Tensor) -> None:
+        keep = targets != PAD_ID
+        self.nll -= log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[keep].sum().item()
+        self.tokens += int(keep.sum())
+        # Accuracy is over word targets only, so only their rows are ranked.
+        is_word_target = self.target_words[targets] & keep
+        word_targets = targets[is_word_target]
+        candidates = log_probs[is_word_target]
+        candidates += self.not_suggestable
+        hits = candidates.topk(3, dim=-1).indices == word_targets.unsqueeze(-1)
+        self.top1 += int(hits[:, 0].sum())
+        self.top3 += int(hits.any(-1).sum())
+        self.words += len(word_targets)
+
+    def result(self) -> dict:
+        mean_nll = self.nll / max(self.tokens, 1)
+        return {
+            "nll": mean_nll,
+            "perplexity": math.exp(mean_nll),
+            "tokens": self.tokens,
+            "top1": self.top1 / max(self.words, 1),
+            "top3": self.top3 / max(self.words, 1),
+            "word_tokens": self.words,
+        }
+
+
 @torch.no_grad()
 def evaluate(model, windows: np.ndarray, vocab: Vocab, batch_size: int = 64, device="cpu") -> dict:
     model.eval()
-    target_words, suggestable = (torch.from_numpy(m).to(device) for m in word_masks(vocab))
-    not_suggestable = ~suggestable
+    scores = Scores(vocab, device)
     batch_size = max(1, min(batch_size, len(windows)))
     data = torch.from_numpy(lanes(windows, batch_size, pad_tail=True))
-    nll = 0.0
-    tokens = words = top1 = top3 = 0
     state = None
     for step in range(data.shape[0]):
         batch = data[step].to(device).long()
-        inp, tgt = batch[:, :-1], batch[:, 1:]
-        feats, state = model.features(inp, state)
-        lp = model.log_probs(feats).float()
-        keep = tgt != PAD_ID
-        nll -= lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[keep].sum().item()
-        tokens += int(keep.sum())
-        is_word_target = target_words[tgt] & keep
-        best = lp.masked_fill(not_suggestable, -math.inf).topk(3, dim=-1).indices
-        hits = best == tgt.unsqueeze(-1)
-        top1 += int((hits[..., 0] & is_word_target).sum())
-        top3 += int((hits.any(-1) & is_word_target).sum())
-        words += int(is_word_target.sum())
-    mean_nll = nll / max(tokens, 1)
-    return {
-        "nll": mean_nll,
-        "perplexity": math.exp(mean_nll),
-        "tokens": tokens,
-        "top1": top1 / max(words, 1),
-        "top3": top3 / max(words, 1),
-        "word_tokens": words,
-    }
+        feats, state = model.features(batch[:, :-1], state)
+        scores.add(model.log_probs(feats).float(), batch[:, 1:])
+    return scores.result()
+
+
+def evaluate_ngram(model, windows: np.ndarray, vocab: Vocab) -> dict:
+    """Score an n-gram model (:mod:`nextword.ngram`) on the same targets as :func:`evaluate`.
+
+    Every non-PAD target of the windows is scored, with up to N - 1 ids of the
+    split's stream before it as context (across window boundaries, like the
+    LSTM's carried state).
+    """
+    scores = Scores(vocab)
+    for log_probs, targets in model.stream_log_probs(stream_from_windows(windows)):
+        scores.add(torch.from_numpy(log_probs), torch.from_numpy(targets))
+    return scores.result()

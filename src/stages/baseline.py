@@ -1,0 +1,31 @@
+"""Baseline: a Kneser-Ney n-gram model fitted on the train stream, scored on val and test like the LSTM."""
+
+import time
+
+import numpy as np
+
+from nextword import stage
+from nextword.files import write_json
+from nextword.metrics import evaluate_ngram
+from nextword.ngram import KneserNey, stream_from_windows
+from nextword.vocab import Vocab
+
+
+def main(args, params):
+    vocab = Vocab.load(args.vocab)
+    start = time.perf_counter()
+    model = KneserNey.fit(stream_from_windows(np.load(f"{args.windows}/train.npy")), len(vocab),
+                          params.baseline.order)
+    print(f"order {model.order} fitted in {time.perf_counter() - start:.1f} s; discounts per order "
+          + ", ".join("(" + ", ".join(f"{d:.3f}" for d in ds) + ")" for ds in model.discounts))
+    metrics = {}
+    for split in ("val", "test"):
+        start = time.perf_counter()
+        m = metrics[split] = evaluate_ngram(model, np.load(f"{args.windows}/{split}.npy"), vocab)
+        print(f"{split}: perplexity {m['perplexity']:.2f}, top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}"
+              f" ({m['tokens']} tokens in {time.perf_counter() - start:.0f} s)")
+    write_json(args.metrics, metrics)
+
+
+if __name__ == "__main__":
+    stage.run(main, "vocab", "windows", "metrics", description=__doc__)
