@@ -1,15 +1,216 @@
-"""The ``nextword`` command line."""
+"""The ``nextword`` command line: suggest, complete, evaluate, chat, serve, and params."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
 from pathlib import Path
 
 from nextword.errors import NextwordError, exit_on_error
 
 DEFAULT_MODEL = "models/model"
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as the one line every other error is: ``error: ...``, exit 2."""
+
+    def error(self, message):
+        raise NextwordError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def load_engine(args):
+    from nextword.engine import Engine
+
+    return Engine.load(args.model, args.banned, int8=getattr(args, "int8", False))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_suggest(args) -> None:
+    """Print the top-k next words (or completions of the partial last word), one per line with its probability."""
+    session = load_engine(args).session()
+    partial = session.type_text(args.speaker, args.text)
+    for suggestion in session.suggest(partial, args.k):
+        print(f"{suggestion.word}\t{suggestion.probability:.4f}")
+
+
+def cmd_complete(args) -> None:
+    """Print TEXT extended until the end of the message or --max-words tokens."""
+    from nextword.text import PUNCTUATION, detokenize
+
+    session = load_engine(args).session()
+    partial = session.type_text(args.speaker, args.text)
+    strategy = args.strategy
+    words = session.complete(strategy, args.max_words, args.temperature, args.top_k, args.top_p,
+                             args.beam_size, seed=args.seed, prefix=partial)
+    typed = args.text[: len(args.text) - len(partial)] if partial else args.text.rstrip()
+    if typed and not partial and words and words[0] not in PUNCTUATION:
+        typed += " "
+    print(typed + detokenize(words))
+
+
+def cmd_evaluate(args) -> None:
+    """Perplexity, next-word accuracy, keystroke savings and latency on every message of a CSV."""
+    from nextword.messages import prepare, read_csv_messages
+
+    table = read_csv_messages(args.csv)
+    if args.split:
+        if "split" not in table.columns:
+            raise NextwordError(f"{args.csv}: no 'split' column to pick the {args.split!r} rows from")
+        table = table[table["split"] == args.split]
+        if table.empty:
+            raise NextwordError(f"{args.csv}: no messages in the {args.split!r} split")
+    # No held-out fractions: every message left is scored.
+    messages = prepare(table, str(args.csv), 0.0, 0.0)
+
+    import torch  # only once the CSV is known to be good: a bad file fails fast
+
+    from nextword.keystrokes import conversations_from_table, simulate
+    from nextword.metrics import evaluate
+    from nextword.text import tokenize
+    from nextword.windows import cut_windows, split_stream
+
+    conversations = conversations_from_table(messages)[: args.max_conversations]
+    threads = args.threads or torch.get_num_threads()
+    engine = load_engine(args)
+
+    # Perplexity as the evaluate stage computes it, on the messages' stream cut into windows.
+    messages = ((speaker, tokenize(text)) for conversation in conversations for speaker, text in conversation)
+    stream = split_stream(messages, engine.vocab, engine.speaker_tags)
+    windows = cut_windows(stream, int(engine.config.get("window_length", 15)))
+    torch.set_num_threads(threads)
+    scores = evaluate(engine.model, windows, engine.vocab)
+    torch.set_num_threads(1)  # latency is measured on one thread
+    keys = simulate(engine, conversations, k=3)
+
+    result = {
+        "csv": str(args.csv),
+        "model": str(args.model),
+        "int8": args.int8,
+        "conversations": keys.conversations,
+        "messages": keys.messages,
+        "perplexity": scores["perplexity"],
+        "nll": scores["nll"],
+        "tokens": scores["tokens"],
+        **{name: value for name, value in keys.to_dict().items() if name not in ("conversations", "messages")},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['csv']}: {keys.conversations} conversations, {keys.messages} messages, {keys.words} words")
+    print(f"perplexity      {scores['perplexity']:.2f} (nll {scores['nll']:.4f} over {scores['tokens']} tokens)")
+    print(f"top-1 / top-3   {keys.top1:.3f} / {keys.top3:.3f}")
+    print(f"keystrokes      {keys.keystrokes} of {keys.keystrokes_without}: KSR {keys.ksr:.2%} (3 suggestions)")
+    print(f"latency         p50 {keys.latency_p50_ms:.3f} ms, p99 {keys.latency_p99_ms:.3f} ms per keystroke "
+          f"({keys.latency_keystrokes} keystrokes, one thread; CPU time p50 {keys.cpu_p50_ms:.3f}, "
+          f"p99 {keys.cpu_p99_ms:.3f} ms)")
+
+
+def cmd_chat(args) -> None:
+    """Type a conversation; suggestions show below the line as you type, Tab accepts the first."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise NextwordError("nextword chat needs a terminal")
+    run_chat(load_engine(args), args.speaker, args.k, alternate=not args.one_speaker)
+
+
+def run_chat(engine, speaker: str, k: int, alternate: bool = True) -> None:
+    """The terminal loop: one prompt per message, the suggestion strip as its bottom toolbar.
+
+    The message being typed is handed to the session on every keystroke;
+    the session commits only the words that are new, so a letter costs a
+    prefix lookup and a finished word one model step.
+    """
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.key_binding import KeyBindings
+
+    from nextword.text import is_word, tokenize
+
+    session = engine.session()
+    current = {"speaker": speaker}
+    counts = {"messages": 0, "words": 0, "accepted": 0}
+
+    def shown(text: str):
+        partial = session.type_text(current["speaker"], text)
+        return partial, session.suggest(partial, k)
+
+    keys = KeyBindings()
+
+    @keys.add("tab")
+    def accept(event):
+        buffer = event.current_buffer
+        text = buffer.document.text_before_cursor
+        partial, suggestions = shown(text)
+        if suggestions and text.lower().endswith(partial):
+            buffer.delete_before_cursor(len(partial))
+            buffer.insert_text(suggestions[0].word + " ")
+            counts["accepted"] += 1
+
+    def toolbar():
+        _, suggestions = shown(prompt.default_buffer.document.text_before_cursor)
+        return " [Tab] " + " | ".join(s.word for s in suggestions) if suggestions else " (no suggestion)"
+
+    prompt = PromptSession(key_bindings=keys, bottom_toolbar=toolbar)
+    print("Type a message and press Enter; Tab accepts the first suggestion; Ctrl-D quits.")
+    while True:
+        try:
+            text = prompt.prompt(f"{current['speaker']}> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not tokenize(text):
+            session.discard_draft()
+            continue
+        session.type_text(current["speaker"], text)
+        session.send()
+        counts["messages"] += 1
+        counts["words"] += sum(is_word(t) for t in tokenize(text))
+        if alternate:
+            current["speaker"] = "agent" if current["speaker"] == "user" else "user"
+    words = counts["words"]
+    rate = f" ({counts['accepted'] / words:.0%} of the words)" if words else ""
+    print(f"messages: {counts['messages']}, words: {words}, suggestions accepted: {counts['accepted']}{rate}")
+
+
+def cmd_serve(args) -> None:
+    """Start the web demo on HOST:PORT."""
+    try:
+        from nextword.server import serve
+    except ImportError as err:
+        raise NextwordError(f"the web demo is not available: {err}") from None
+    if not Path(args.model).is_dir():
+        raise NextwordError(f"{args.model}: no such model folder; run the pipeline or pass --model")
+    kwargs = {"log_path": args.log} if args.log else {}
+    serve(args.model, banned_words=args.banned, host=args.host, port=args.port, **kwargs)
 
 
 def cmd_params(args) -> None:
@@ -32,11 +233,66 @@ def cmd_params(args) -> None:
     print(f"{args.out}: preset {args.preset}{' with ' + ' '.join(args.overrides) if args.overrides else ''}")
 
 
+# ----------------------------------------------------------------------------- the parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nextword", description=__doc__)
+    parser = Parser(prog="nextword", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("params", help="write params.yaml from conf/ for a preset (toy or chat)")
+    def model_args(p, speaker=True, int8=True):
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
+        p.add_argument("--banned", metavar="FILE", help="banned-word list, one word per line")
+        if int8:
+            p.add_argument("--int8", action="store_true",
+                           help="int8 weights (dynamic quantization): several times faster steps on CPU")
+        if speaker:
+            p.add_argument("--speaker", choices=("user", "agent"), default="user")
+
+    p = sub.add_parser("suggest", help="next-word suggestions for TEXT", description=cmd_suggest.__doc__)
+    model_args(p)
+    p.add_argument("-k", type=positive_int, default=3, help="how many suggestions (default 3)")
+    p.add_argument("text", metavar="TEXT",
+                   help="the message typed so far; without a trailing space its last word is completed")
+    p.set_defaults(func=cmd_suggest)
+
+    p = sub.add_parser("complete", help="complete the line TEXT", description=cmd_complete.__doc__)
+    model_args(p)
+    p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sample: below 1 sharper, above 1 flatter")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample: only the K most probable (0: all)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="sample: only the nucleus of mass P (1: all)")
+    p.add_argument("--beam-size", type=positive_int, default=4)
+    p.add_argument("--max-words", type=positive_int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("text", metavar="TEXT")
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("evaluate", help="perplexity, accuracy, keystroke savings and latency on a CSV",
+                       description=cmd_evaluate.__doc__)
+    model_args(p, speaker=False)
+    p.add_argument("--csv", required=True, help="messages: speaker, text, optional conversation_id and turn")
+    p.add_argument("--split", choices=("train", "val", "test"), help="only the rows of this split (a 'split' column)")
+    p.add_argument("--max-conversations", type=positive_int, help="only the first N conversations")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="threads for perplexity (0: default)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("chat", help="type a conversation with suggestions; Tab accepts", description=cmd_chat.__doc__)
+    model_args(p)
+    p.add_argument("-k", type=positive_int, default=3)
+    p.add_argument("--one-speaker", action="store_true", help="every message from --speaker (default: alternate)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="the web demo on 127.0.0.1", description=cmd_serve.__doc__)
+    model_args(p, speaker=False, int8=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log", metavar="FILE", help="keystroke log (JSONL)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("params", help="write params.yaml from conf/ for a preset (toy or chat)",
+                       description=cmd_params.__doc__)
     p.add_argument("preset", nargs="?", default="chat")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.layers=2")
     p.add_argument("--conf", default="conf")

@@ -14,7 +14,9 @@ from typing import Any, Callable
 import numpy as np
 
 Step = Callable[[int, Any], "tuple[np.ndarray, Any]"]
-STRATEGIES = ("greedy", "temperature", "top_k", "top_p")
+# Every strategy but greedy samples; the names differ only in which knobs the caller usually sets.
+SAMPLING = ("sample", "temperature", "top_k", "top_p")
+STRATEGIES = ("greedy", *SAMPLING)
 
 
 def masked(log_probs: np.ndarray, blocked: np.ndarray) -> np.ndarray:
@@ -32,8 +34,31 @@ def top_p_keep(probs: np.ndarray, top_p: float) -> np.ndarray:
     """Indices of the smallest set whose cumulative probability is >= top_p (most probable first)."""
     order = np.argsort(-probs, kind="stable")
     cumulative = np.cumsum(probs[order])
-    size = int(np.searchsorted(cumulative, top_p - 1e-12)) + 1
+    size = int(np.searchsorted(cumulative, top_p - 1e-12)) + 1  # tolerance: 0.5 + 0.2 must reach 0.7
     return order[: min(size, len(order))]
+
+
+def sampling_distribution(log_probs: np.ndarray, temperature: float = 1.0, top_k: int = 0,
+                          top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate ids, their probabilities) after temperature, then the top-k cut, then the top-p cut.
+
+    ``top_k`` 0 and ``top_p`` 1 mean no cut. Blocked tokens (-inf) are never candidates.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    scores = np.asarray(log_probs, dtype=np.float64) / temperature
+    candidates = np.flatnonzero(np.isfinite(scores))
+    if top_k:
+        candidates = candidates[np.argsort(-scores[candidates], kind="stable")[:top_k]]
+    probs = _softmax(scores[candidates])
+    if top_p < 1:
+        keep = top_p_keep(probs, top_p)
+        candidates, probs = candidates[keep], probs[keep] / probs[keep].sum()
+    return candidates, probs
 
 
 def choose(
@@ -44,17 +69,12 @@ def choose(
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> int:
-    """Pick one token id from already-masked log-probabilities."""
+    """Pick one token id from already-masked log-probabilities: the argmax, or a sample."""
     if strategy == "greedy":
         return int(np.argmax(log_probs))
-    scores = log_probs / temperature
-    candidates = np.flatnonzero(np.isfinite(scores))
-    if strategy == "top_k" and top_k:
-        candidates = candidates[np.argsort(-scores[candidates], kind="stable")[:top_k]]
-    probs = _softmax(scores[candidates])
-    if strategy == "top_p":
-        keep = top_p_keep(probs, top_p)
-        candidates, probs = candidates[keep], probs[keep] / probs[keep].sum()
+    if strategy not in SAMPLING:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)} or beam")
+    candidates, probs = sampling_distribution(log_probs, temperature, top_k, top_p)
     return int(rng.choice(candidates, p=probs))
 
 

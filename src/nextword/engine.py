@@ -1,16 +1,23 @@
 """The suggestion engine: next-word top-k, word completion and line completion as a person types.
 
-The recurrent state is carried: a committed word costs one model step, and
-while a word is being typed its completions come from the distribution
-already computed for that position, looked up by prefix in a sorted array of
-the suggestable words, so a keystroke costs no model work. Specials and
-banned words are removed from the distribution before the top k are taken,
-so k suggestions still come back.
+The recurrent state is carried. Committed tokens are queued and run through
+the model in one call the next time a distribution is needed, so a committed
+word costs one model step (a word and the comma after it, or the end of one
+message and the start of the next, still cost one output layer). While a word
+is being typed its completions come from the distribution already computed
+for that position, looked up by prefix in a sorted array of the suggestable
+words, so a keystroke inside a word costs no model work. Specials and banned
+words are removed from the distribution before the top k are taken, so k
+suggestions still come back.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import json
+import pickle
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +27,7 @@ import torch
 from nextword import decoding
 from nextword.errors import NextwordError
 from nextword.model import load_model_dir
-from nextword.text import is_word, tokenize
+from nextword.text import PUNCTUATION, is_word, tokenize
 from nextword.vocab import BOS, EOS, SPEAKER_TAG
 
 
@@ -29,7 +36,7 @@ def read_banned_words(path: str | Path | None) -> set[str]:
     if not path:
         return set()
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise NextwordError(f"{path}: banned-word list not found")
     words = set()
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -37,6 +44,23 @@ def read_banned_words(path: str | Path | None) -> set[str]:
         if line and not line.startswith("#"):
             words.update(tokenize(line))
     return words
+
+
+def quantize_int8(model):
+    """The model with int8 weights in its LSTM and linear layers (PyTorch dynamic quantization).
+
+    One step of the chat model reads its whole output matrix (vocabulary x
+    hidden); in float32 that is tens of megabytes, more than a CPU cache, so
+    a step is bound by memory bandwidth. In int8 it is a quarter of that and
+    a step is several times faster, for log-probabilities within about 1e-3.
+    The API is deprecated in favour of torchao but present in the pinned torch.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.Linear},
+                                                      dtype=torch.qint8)
 
 
 @dataclass
@@ -51,13 +75,15 @@ class Engine:
     def __init__(self, model, vocab, config: dict, banned: set[str] = frozenset()):
         self.model = model.eval()
         self.vocab = vocab
+        self.config = config
         self.speaker_tags = config.get("speaker_tags", True)
         suggestable = np.array([is_word(t) and t not in banned for t in vocab.tokens], dtype=bool)
         self.blocked_suggest = ~suggestable
-        # Completing a line may also end it; everything else that is blocked stays blocked.
+        self.blocked_ids = np.flatnonzero(self.blocked_suggest)
+        # Completing a line may also end it or punctuate it; everything else that is blocked stays blocked.
         self.blocked_complete = self.blocked_suggest.copy()
         self.blocked_complete[vocab.id(EOS)] = False
-        for mark in ".,!?;":
+        for mark in PUNCTUATION:
             if mark in vocab.index:
                 self.blocked_complete[vocab.id(mark)] = False
         words = sorted((t, i) for i, t in enumerate(vocab.tokens) if suggestable[i])
@@ -65,38 +91,116 @@ class Engine:
         self.sorted_ids = np.array([i for _, i in words], dtype=np.int64)
 
     @classmethod
-    def load(cls, model_dir: str | Path, banned_words: str | Path | None = None) -> "Engine":
+    def load(cls, model_dir: str | Path, banned_words: str | Path | None = None, int8: bool = False) -> "Engine":
+        """Load a model folder; ``int8`` quantizes the LSTM and output weights (see :func:`quantize_int8`)."""
         torch.set_num_threads(1)  # one step of a small model: threads cost more than they give
-        model, vocab, config = load_model_dir(model_dir)
-        return cls(model, vocab, config, read_banned_words(banned_words))
+        banned = read_banned_words(banned_words)
+        try:
+            model, vocab, config = load_model_dir(model_dir)
+        except (pickle.UnpicklingError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, EOFError) as err:
+            # weights_only loading refuses anything but tensors; a mismatch or a bad file lands here too.
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise NextwordError(f"{model_dir}: cannot load the model folder: {first[:200]}") from None
+        return cls(quantize_int8(model) if int8 else model, vocab, config, banned)
 
     @torch.no_grad()
+    def run(self, token_ids: list[int], state):
+        """Advance the model over ``token_ids``: (log-probs of the next token as numpy, new state).
+
+        The output layer, the largest part of a step, runs only for the last token.
+        """
+        feats, state = self.model.features(torch.tensor([token_ids]), state)
+        return self.model.log_probs(feats[:, -1])[0].numpy(), state
+
     def step(self, token_id: int, state):
-        """Advance the model by one token: (log-probs of the next token as numpy, new state)."""
-        ids = torch.tensor([[token_id]])
-        feats, state = self.model.features(ids, state)
-        return self.model.log_probs(feats)[0, -1].numpy(), state
+        """Advance the model by one token (the ``step`` function the decoders use)."""
+        return self.run([token_id], state)
 
     def session(self) -> "Session":
         return Session(self)
 
     def prefix_range(self, prefix: str) -> tuple[int, int]:
+        """The slice of ``sorted_words`` that start with ``prefix``."""
         lo = bisect.bisect_left(self.sorted_words, prefix)
-        hi = bisect.bisect_left(self.sorted_words, prefix + "\U0010ffff")
+        hi = bisect.bisect_left(self.sorted_words, prefix + "\U0010ffff", lo)
         return lo, hi
 
 
+@dataclass
+class _Draft:
+    """The message being typed: its speaker, the words committed so far, and the session before it started."""
+
+    speaker: str
+    tokens: list[str]
+    before: tuple
+    partial: str = ""
+
+
+@dataclass
+class _Distribution:
+    """The next-token log-probabilities and what suggest() derives from them, computed once."""
+
+    log_probs: np.ndarray
+    sorted_scores: np.ndarray | None = None  # log-probs in the order of Engine.sorted_words
+    log_total: float = 0.0  # log of the probability mass of the suggestable words
+
+
 class Session:
-    """One conversation: the state after everything committed so far, and the next-token distribution."""
+    """One conversation: the state after everything committed so far, and the next-token distribution.
+
+    ``copy.copy(session)`` forks it: the copy shares the model state computed so
+    far and goes on independently.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.state = None
-        self.log_probs: np.ndarray | None = None
+        self._state = None
+        self._dist: _Distribution | None = None
+        self._pending: list[int] = []  # committed ids not yet run through the model
         self.in_message = False
+        self._draft: _Draft | None = None
+        self._lock = threading.Lock()  # a shared session may be read from several threads
+
+    def __copy__(self) -> "Session":
+        new = Session.__new__(Session)
+        new.__dict__.update(self.__dict__)
+        new._pending = list(self._pending)
+        new._draft = dataclasses.replace(self._draft) if self._draft is not None else None
+        new._lock = threading.Lock()
+        return new
+
+    # -- the model state, brought up to date on demand --------------------------------------------
+
+    def _flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                log_probs, self._state = self.engine.run(self._pending, self._state)
+                self._dist = _Distribution(log_probs)
+                self._pending = []
+
+    @property
+    def state(self):
+        self._flush()
+        return self._state
+
+    @property
+    def log_probs(self) -> np.ndarray | None:
+        """Log-probabilities of the next token after everything committed (None before anything is)."""
+        self._flush()
+        return None if self._dist is None else self._dist.log_probs
+
+    def _snapshot(self) -> tuple:
+        return self._state, self._dist, list(self._pending), self.in_message
+
+    def _restore(self, snapshot: tuple) -> None:
+        self._state, self._dist, pending, self.in_message = snapshot
+        self._pending = list(pending)
+
+    # -- committing tokens and messages ---------------------------------------------------------------
 
     def feed(self, token: str) -> None:
-        self.log_probs, self.state = self.engine.step(self.engine.vocab.id(token), self.state)
+        """Commit one token to the context (run through the model when a distribution is next needed)."""
+        self._pending.append(self.engine.vocab.id(token))
 
     def start_message(self, speaker: str) -> None:
         if speaker not in SPEAKER_TAG:
@@ -113,36 +217,99 @@ class Session:
         self.in_message = False
 
     def add_message(self, speaker: str, text: str) -> None:
-        """Commit a whole earlier message of the conversation."""
+        """Commit a whole earlier message of the conversation; a draft being typed is dropped first."""
+        self.discard_draft()
         self.start_message(speaker)
         for token in tokenize(text):
             self.feed(token)
         self.end_message()
 
     def type_text(self, speaker: str, text: str) -> str:
-        """Start a message and commit its complete words; return the partial last word, if any."""
-        self.start_message(speaker)
+        """Make ``text`` the message ``speaker`` is typing: commit its complete words, return its partial last word.
+
+        Called again as the text grows, only the new complete words are
+        committed; if the text no longer extends what was committed (a word
+        was erased, the speaker changed), the draft restarts from the
+        conversation before it, so the result is always as if ``text`` had
+        been typed from scratch.
+        """
+        if speaker not in SPEAKER_TAG:
+            raise NextwordError(f"speaker {speaker!r} is not 'user' or 'agent'")
         tokens = tokenize(text)
         partial = ""
-        if tokens and text and not text[-1].isspace() and is_word(tokens[-1]):
+        if tokens and not text[-1].isspace() and is_word(tokens[-1]):
             partial = tokens.pop()
-        for token in tokens:
+        draft = self._draft
+        if draft is None or draft.speaker != speaker or tokens[: len(draft.tokens)] != draft.tokens:
+            self.discard_draft()
+            draft = self._draft = _Draft(speaker, [], self._snapshot())
+            self.start_message(speaker)
+        for token in tokens[len(draft.tokens):]:
             self.feed(token)
+        draft.tokens = tokens
+        draft.partial = partial
         return partial
 
+    def send(self) -> None:
+        """Commit the message being typed, its partial last word included, to the conversation."""
+        if self._draft is None:
+            raise NextwordError("no message is being typed")
+        if self._draft.partial:
+            self.feed(self._draft.partial)
+        self.end_message()
+        self._draft = None
+
+    def discard_draft(self) -> None:
+        """Forget the message being typed, if any: the session is as it was before it started."""
+        if self._draft is not None:
+            self._restore(self._draft.before)
+            self._draft = None
+
+    # -- suggestions and completions ------------------------------------------------------------------
+
+    def _distribution(self) -> _Distribution:
+        self._flush()
+        if self._dist is None:
+            raise NextwordError("nothing committed yet: start a message first")
+        dist = self._dist
+        if dist.sorted_scores is None:
+            engine = self.engine
+            sorted_scores = dist.log_probs[engine.sorted_ids]
+            # The suggestable mass is 1 minus the few blocked tokens' mass: O(blocked), not O(vocabulary),
+            # unless nearly all the mass is blocked (after a finished sentence) and 1 - x loses precision.
+            blocked_mass = float(np.exp(dist.log_probs[engine.blocked_ids].astype(np.float64)).sum())
+            if blocked_mass < 0.99:
+                dist.log_total = float(np.log1p(-blocked_mass))
+            elif len(sorted_scores):
+                scores = sorted_scores.astype(np.float64)
+                top = scores.max()
+                dist.log_total = float(top + np.log(np.exp(scores - top).sum()))
+            dist.sorted_scores = sorted_scores  # last: another thread may read it as soon as it is set
+        return dist
+
     def suggest(self, prefix: str = "", k: int = 3) -> list[Suggestion]:
-        """Top-k words that start with ``prefix``, from the current distribution (no model work)."""
+        """Top-k words that start with ``prefix``, from the current distribution (no model work).
+
+        Probabilities are renormalised over the suggestable words (no specials,
+        punctuation or banned words). Ties go to the more frequent word.
+        """
         engine = self.engine
+        dist = self._distribution()
         lo, hi = engine.prefix_range(prefix.lower())
-        if hi <= lo:
+        k = min(k, hi - lo)
+        if k <= 0:
             return []
+        scores = dist.sorted_scores[lo:hi]
+        if k == hi - lo:
+            top = np.arange(k)
+        elif hi - lo > 2048:  # a short prefix: torch's top-k is several times faster than argpartition here
+            top = torch.topk(torch.from_numpy(scores), k, sorted=False).indices.numpy()
+        else:
+            top = np.argpartition(-scores, k - 1)[:k]
         ids = engine.sorted_ids[lo:hi]
-        scores = self.log_probs[ids]
-        k = min(k, len(ids))
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
         top = top[np.lexsort((ids[top], -scores[top]))]
-        total = np.exp(np.logaddexp.reduce(self.log_probs[~engine.blocked_suggest]))
-        return [Suggestion(engine.vocab.tokens[ids[i]], float(np.exp(scores[i]) / total)) for i in top]
+        words, log_total = engine.sorted_words, dist.log_total
+        return [Suggestion(words[lo + i], float(np.exp(float(scores[i]) - log_total))) for i in top]
 
     def complete(self, strategy: str = "greedy", max_words: int = 20, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, beam_size: int = 4, seed: int = 0,
@@ -154,7 +321,7 @@ class Session:
         """
         engine = self.engine
         rng = np.random.default_rng(seed)
-        state, log_probs, first = self.state, self.log_probs, []
+        state, log_probs, first = self.state, self._distribution().log_probs, []
         if prefix:
             lo, hi = engine.prefix_range(prefix.lower())
             if hi <= lo:

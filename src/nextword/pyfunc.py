@@ -1,0 +1,83 @@
+"""The suggestion engine as an MLflow pyfunc model, for ``mlflow models serve``.
+
+Input: a DataFrame with a ``text`` column (the message typed so far; without a
+trailing space its last word is completed), an optional ``speaker`` column
+(``user`` or ``agent``, default ``user``) and an optional ``k`` column
+(default 3). Output: one row per input row with ``suggestions`` (words, most
+probable first) and ``probabilities``.
+
+The model folder (weights as a state dict, vocabulary and config as JSON) is
+stored as an artifact and loaded with :meth:`Engine.load` in
+``load_context``. Nothing is pickled: the model is logged as code (MLflow's
+"models from code"), this file being the code, with the ``nextword`` package
+shipped beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
+
+import nextword
+
+DEFAULT_K = 3
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([
+        ColSpec(DataType.string, "text"),
+        ColSpec(DataType.string, "speaker", required=False),
+        ColSpec(DataType.long, "k", required=False),
+    ]),
+    outputs=Schema([
+        ColSpec(Array(DataType.string), "suggestions"),
+        ColSpec(Array(DataType.double), "probabilities"),
+    ]),
+)
+
+
+class Suggester(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from nextword.engine import Engine
+
+        self.engine = Engine.load(context.artifacts["model"], context.artifacts.get("banned_words"))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        rows = []
+        for row in model_input.to_dict("records"):
+            speaker = row.get("speaker")
+            k = row.get("k")
+            session = self.engine.session()
+            partial = session.type_text(speaker if isinstance(speaker, str) and speaker else "user", str(row["text"]))
+            suggestions = session.suggest(partial, int(k) if k is not None and not pd.isna(k) else DEFAULT_K)
+            rows.append({"suggestions": [s.word for s in suggestions],
+                         "probabilities": [s.probability for s in suggestions]})
+        return pd.DataFrame(rows, columns=["suggestions", "probabilities"])
+
+
+def log_model(model_dir: str | Path, banned_words: str | Path | None = None, name: str = "suggester"):
+    """Log the engine over ``model_dir`` as a pyfunc model into the active MLflow run; return its ModelInfo."""
+    import numpy
+    import torch
+
+    artifacts = {"model": str(model_dir)}
+    if banned_words:
+        artifacts["banned_words"] = str(banned_words)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=__file__,  # models from code: this file, run at load time, sets the model
+        artifacts=artifacts,
+        code_paths=[str(Path(nextword.__file__).parent)],
+        signature=SIGNATURE,
+        input_example=pd.DataFrame({"text": ["hi , how are "], "speaker": ["user"], "k": [DEFAULT_K]}),
+        # Named, not inferred: inference would load the model in a subprocess, for seconds.
+        pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                          f"numpy=={numpy.__version__}", f"pandas=={pd.__version__}"],
+    )
+
+
+mlflow.models.set_model(Suggester())

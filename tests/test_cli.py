@@ -1,0 +1,167 @@
+"""The real `nextword` command line, run as a subprocess against the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import TINY_CONVERSATION
+
+
+def nextword(*args, cwd=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "nextword.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr and fragment in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def chat_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("csv") / "chat.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["conversation_id", "speaker", "text"])
+        for _ in range(2):  # the same conversation twice: two conversations
+            for speaker, text in TINY_CONVERSATION:
+                writer.writerow([f"c{_}", speaker, text])
+    return path
+
+
+def test_suggest(tiny_model_dir):
+    result = nextword("suggest", "--model", tiny_model_dir, "good morning , how are ")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].split("\t")[0] == "you"
+    assert 0.5 < float(lines[0].split("\t")[1]) <= 1
+    result = nextword("suggest", "--model", tiny_model_dir, "--speaker", "agent", "-k", "1", "i am f")
+    assert result.stdout.splitlines() == [result.stdout.splitlines()[0]] and result.stdout.startswith("fine\t")
+
+
+def test_usage_and_model_errors_are_one_line(tiny_model_dir, tmp_path):
+    assert_one_line_error(nextword("suggest", "--model", tiny_model_dir, "--speaker", "bob", "hi"), "--speaker")
+    assert_one_line_error(nextword("suggest", "-k", "0", "hi"), "-k")
+    assert_one_line_error(nextword("complete", "--top-p", "1.5", "hi"), "--top-p")
+    # The default model folder is the pipeline's output, models/model, missing here.
+    assert_one_line_error(nextword("suggest", "hi", cwd=tmp_path), "models/model: not a model folder")
+
+
+def test_complete_strategies(tiny_model_dir):
+    greedy = nextword("complete", "--model", tiny_model_dir, "good morning , how are ")
+    assert greedy.returncode == 0, greedy.stderr
+    assert greedy.stdout == "good morning , how are you today?\n"
+    beam = nextword("complete", "--model", tiny_model_dir, "--strategy", "beam", "--max-words", "1",
+                    "good morning , how are y")
+    assert beam.stdout == "good morning , how are you\n"
+    sample = nextword("complete", "--model", tiny_model_dir, "--strategy", "sample", "--temperature", "0.5",
+                      "--top-k", "3", "--top-p", "0.9", "--seed", "1", "what do you like")
+    assert sample.returncode == 0 and sample.stdout.startswith("what do you like ")
+
+
+def test_evaluate(tiny_model_dir, chat_csv, tmp_path):
+    result = nextword("evaluate", "--model", tiny_model_dir, "--csv", chat_csv, "--json", "--max-conversations", "1")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert (figures["conversations"], figures["messages"], figures["words"]) == (1, 4, 29)
+    assert figures["keystrokes_without"] == sum(len(w) + 1 for _, text in TINY_CONVERSATION
+                                                for w in text.split() if w not in {",", "?", "!", "."})
+    assert 0.5 < figures["ksr"] < 1 and figures["top3"] > 0.9
+    assert 1 <= figures["perplexity"] < 3
+    assert 0 < figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+    text = nextword("evaluate", "--model", tiny_model_dir, "--csv", chat_csv)
+    assert "2 conversations" in text.stdout and "KSR" in text.stdout
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("who,what\nuser,hi\n", encoding="utf-8")
+    assert_one_line_error(nextword("evaluate", "--model", tiny_model_dir, "--csv", bad), "no 'text' column")
+    assert_one_line_error(nextword("evaluate", "--model", tiny_model_dir, "--csv", chat_csv, "--split", "test"),
+                          "no 'split' column")
+
+
+def test_serve_starts_the_web_demo(tiny_model_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nextword.cli", "serve", "--model", str(tiny_model_dir),
+                             "--port", str(port), "--log", str(tmp_path / "keys.jsonl")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+                time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_chat_shows_suggestions_and_tab_accepts(tiny_model_dir):
+    """Drive `nextword chat` in a pseudo-terminal, answering cursor-position queries as a terminal does."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the real command in the terminal
+        os.execve(sys.executable, [sys.executable, "-m", "nextword.cli", "chat", "--model", str(tiny_model_dir)],
+                  {**os.environ, "TERM": "xterm"})
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    seen = b""
+
+    def screen_until(pattern, timeout=60):
+        nonlocal seen
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # the child has exited
+                    data = b""
+                seen += data
+                for _ in range(data.count(b"\x1b[6n")):
+                    os.write(fd, b"\x1b[2;1R")
+            text = ANSI.sub("", seen.decode("utf-8", "replace"))
+            if re.search(pattern, text):
+                return text
+        raise AssertionError(f"no {pattern!r} on the screen: {ANSI.sub('', seen.decode(errors='replace'))[-500:]!r}")
+
+    try:
+        screen_until(r"user>")
+        seen = b""
+        os.write(fd, b"good morning , how are ")
+        screen_until(r"\[Tab\] you \| ")  # the suggestion strip, most probable first
+        os.write(fd, b"\t\r")  # accept it and send the message
+        screen_until(r"agent>")
+        os.write(fd, b"\x04")  # Ctrl-D
+        text = screen_until(r"suggestions accepted: 1\b")
+        assert "user> good morning , how are you\r" in text
+        assert "messages: 1, words: 5" in text
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        os.close(fd)

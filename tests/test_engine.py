@@ -1,0 +1,222 @@
+"""The suggestion engine: carried state, prefix completion, banned words, specials, safe loading."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nextword.engine import Engine
+from nextword.errors import NextwordError
+from nextword.text import is_word, tokenize
+from nextword.windows import message_tokens
+
+HISTORY = [("user", "good morning , how are you today ?"), ("agent", "i am fine , thank you very much !")]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine.load(tiny_model_dir)
+
+
+def from_scratch(engine, tokens):
+    """Log-probs after every prefix of ``tokens``, from one pass over the whole sequence."""
+    with torch.no_grad():
+        feats, _ = engine.model.features(torch.tensor([engine.vocab.encode(tokens)]))
+        return engine.model.log_probs(feats)[0].numpy()
+
+
+def conversation_tokens(engine, history, speaker, typed_tokens):
+    tokens = []
+    for who, text in history:
+        tokens += message_tokens(who, tokenize(text), engine.speaker_tags)
+    return tokens + message_tokens(speaker, typed_tokens, engine.speaker_tags)[:-1]  # still open: no <EOS>
+
+
+def test_carried_state_gives_the_distribution_of_a_pass_over_the_whole_context(engine):
+    session = engine.session()
+    for speaker, text in HISTORY:
+        session.add_message(speaker, text)
+    partial = session.type_text("user", "what do you like to do for f")
+    assert partial == "f"
+    typed = tokenize("what do you like to do for")
+    expected = from_scratch(engine, conversation_tokens(engine, HISTORY, "user", typed))
+    np.testing.assert_allclose(session.log_probs, expected[-1], atol=1e-5)
+
+
+def test_one_step_per_token_matches_the_whole_pass_at_every_position(engine):
+    tokens = conversation_tokens(engine, HISTORY, "agent", [])
+    expected = from_scratch(engine, tokens)
+    session = engine.session()
+    for position, token in enumerate(tokens):
+        session.feed(token)
+        np.testing.assert_allclose(session.log_probs, expected[position], atol=1e-5)
+
+
+def test_typing_letter_by_letter_equals_typing_at_once(engine, monkeypatch):
+    text = "what do you like to do for fun ?"
+    session = engine.session()
+    session.add_message(*HISTORY[0])
+    calls = []
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda ids, state: (calls.append(len(ids)), run(ids, state))[1])
+    for end in range(1, len(text) + 1):
+        session.suggest(session.type_text("user", text[:end]))
+    # The history and the message start run once, in one call; then one call per committed
+    # token, and none for a letter inside a word.
+    history_and_start = len(message_tokens("user", tokenize(HISTORY[0][1]), True)) + 2  # + <USER> <BOS>
+    assert calls == [history_and_start] + [1] * len(tokenize(text))
+    fresh = engine.session()
+    fresh.add_message(*HISTORY[0])
+    fresh.type_text("user", text)
+    np.testing.assert_allclose(session.log_probs, fresh.log_probs, atol=1e-5)
+
+
+def test_erasing_a_word_restarts_the_draft(engine):
+    session = engine.session()
+    session.add_message(*HISTORY[0])
+    session.type_text("agent", "i am fine , thank ")
+    session.type_text("agent", "i am ")  # erased back over three words
+    fresh = engine.session()
+    fresh.add_message(*HISTORY[0])
+    fresh.type_text("agent", "i am ")
+    np.testing.assert_allclose(session.log_probs, fresh.log_probs, atol=1e-5)
+    session.type_text("user", "good ")  # another speaker: another message
+    fresh = engine.session()
+    fresh.add_message(*HISTORY[0])
+    fresh.type_text("user", "good ")
+    np.testing.assert_allclose(session.log_probs, fresh.log_probs, atol=1e-5)
+
+
+def test_send_commits_the_draft_and_copies_fork(engine):
+    session = engine.session()
+    session.type_text("user", "good morning , how are you today ?")
+    session.send()
+    fork = copy.copy(session)
+    fork.type_text("agent", "i am fine , thank ")
+    session.type_text("agent", "i am ")
+    assert session.suggest("")[0].word == "fine"
+    assert fork.suggest("")[0].word == "you"
+    with pytest.raises(NextwordError):
+        engine.session().send()
+
+
+def test_suggests_the_memorised_next_word_and_completes_prefixes(engine):
+    session = engine.session()
+    partial = session.type_text("user", "good morning , how are ")
+    assert partial == ""
+    assert session.suggest("", 3)[0].word == "you"
+    assert [s.word for s in session.suggest("y", 3)] == ["you"]
+    assert session.suggest("zz", 3) == []
+    session = engine.session()
+    assert session.type_text("user", "good morning , how are Y") == "y"
+    assert session.suggest("y")[0].word == "you"
+
+
+def test_prefix_completion_is_the_top_k_of_the_words_with_that_prefix(engine):
+    session = engine.session()
+    session.type_text("agent", "i like to ")
+    log_probs = session.log_probs
+    words = [t for t in engine.vocab.tokens if is_word(t)]
+    prefixes = {w[:i] for w in words for i in range(len(w) + 1)}
+    mass = sum(np.exp(float(log_probs[engine.vocab.id(w)])) for w in words)
+    for prefix in sorted(prefixes):
+        candidates = [w for w in words if w.startswith(prefix)]
+        expected = sorted(candidates, key=lambda w: (-log_probs[engine.vocab.id(w)], engine.vocab.id(w)))[:3]
+        shown = session.suggest(prefix, 3)
+        assert [s.word for s in shown] == expected, prefix
+        for s in shown:  # renormalised over the suggestable words
+            assert s.probability == pytest.approx(np.exp(float(log_probs[engine.vocab.id(s.word)])) / mass, rel=1e-4)
+
+
+def test_top_k_over_a_large_vocabulary(fixed_engine):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(5000)]
+    logits = dict(zip(words, rng.normal(size=len(words)).tolist()))
+    session = fixed_engine(logits).session()
+    session.start_message("agent")
+    best = sorted(words, key=lambda w: -logits[w])
+    assert [s.word for s in session.suggest("", 5)] == best[:5]
+    assert [s.word for s in session.suggest("w1", 3)] == [w for w in best if w.startswith("w1")][:3]
+
+
+def test_specials_and_punctuation_are_never_suggested(engine, fixed_engine):
+    session = engine.session()
+    session.type_text("user", "good morning , how are you today ")  # "?" comes next with high probability
+    everything = session.suggest("", len(engine.vocab))
+    words = {t for t in engine.vocab.tokens if is_word(t)}
+    assert {s.word for s in everything} == words
+    assert sum(s.probability for s in everything) == pytest.approx(1.0, abs=1e-5)
+    # Specials that outscore every word are skipped, not just unlikely.
+    fixed = fixed_engine({"hello": 1.0, "help": 0.5, "?": 9.0}, special_logit=12.0).session()
+    fixed.start_message("user")
+    assert [s.word for s in fixed.suggest("", 3)] == ["hello", "help"]
+
+
+def test_banned_words_never_appear_and_k_suggestions_still_come_back(tiny_model_dir, tmp_path):
+    banned = tmp_path / "banned.txt"
+    banned.write_text("# a comment\nYou\n\nfine\n", encoding="utf-8")
+    engine = Engine.load(tiny_model_dir, banned)
+    session = engine.session()
+    session.type_text("user", "good morning , how are ")
+    shown = [s.word for s in session.suggest("", 3)]
+    assert len(shown) == 3 and "you" not in shown
+    assert session.suggest("yo") == []
+    for strategy in ("greedy", "sample", "temperature", "top_k", "top_p", "beam"):
+        for seed in range(3):
+            line = session.complete(strategy, max_words=10, temperature=1.5, top_k=5, top_p=0.9, seed=seed)
+            assert not {"you", "fine"} & set(line), (strategy, line)
+    session = engine.session()
+    session.type_text("agent", "i am ")
+    assert "fine" not in [s.word for s in session.suggest("", 3)]
+
+
+def test_missing_banned_list_is_an_error(tiny_model_dir, tmp_path):
+    with pytest.raises(NextwordError, match="banned-word list not found"):
+        Engine.load(tiny_model_dir, tmp_path / "missing.txt")
+
+
+def test_complete_stops_at_the_end_of_the_message_and_leaves_the_session_alone(engine):
+    session = engine.session()
+    session.type_text("user", "good morning , how are ")
+    before = session.log_probs.copy()
+    assert session.complete("greedy", max_words=20) == ["you", "today", "?"]
+    assert session.complete("greedy", max_words=2) == ["you", "today"]
+    assert session.complete("beam", max_words=20) == ["you", "today", "?"]
+    assert session.complete("greedy", prefix="yo") == ["you", "today", "?"]
+    assert session.complete("greedy", prefix="zz") == []
+    np.testing.assert_array_equal(session.log_probs, before)
+
+
+def test_model_folder_holds_tensors_and_json_only(tiny_model_dir):
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["config.json", "vocab.json", "weights.pt"]
+    weights = torch.load(tiny_model_dir / "weights.pt", weights_only=True)
+    assert weights and all(isinstance(v, torch.Tensor) for v in weights.values())
+    for name in ("config.json", "vocab.json"):
+        json.loads((tiny_model_dir / name).read_text(encoding="utf-8"))
+
+
+class Smuggled:
+    """Anything but a tensor: weights_only loading must refuse to unpickle it."""
+
+
+def test_a_pickled_object_in_the_weights_is_refused(tiny_model_dir, tmp_path):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    for name in ("config.json", "vocab.json"):
+        (bad / name).write_bytes((tiny_model_dir / name).read_bytes())
+    weights = torch.load(tiny_model_dir / "weights.pt", weights_only=True)
+    torch.save({**weights, "extra": Smuggled()}, bad / "weights.pt")
+    with pytest.raises(NextwordError, match="cannot load the model folder"):
+        Engine.load(bad)
+
+
+def test_int8_engine_gives_nearly_the_same_distribution(engine, tiny_model_dir):
+    quantized = Engine.load(tiny_model_dir, int8=True)
+    for speaker, text in [("user", "good morning , how are "), ("agent", "i like to read b"), ("user", "what do you ")]:
+        full, small = engine.session(), quantized.session()
+        partial = full.type_text(speaker, text)
+        small.type_text(speaker, text)
+        assert [s.word for s in full.suggest(partial)][:1] == [s.word for s in small.suggest(partial)][:1]
+        np.testing.assert_allclose(np.exp(small.log_probs), np.exp(full.log_probs), atol=0.01)

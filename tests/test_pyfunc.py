@@ -1,0 +1,109 @@
+"""The MLflow pyfunc model: logged into a real sqlite store, loaded back, and served over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from nextword.pyfunc import log_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory, tiny_model_dir):
+    """(tracking URI, run id) of a run holding the tiny model as ``suggester``, with "are" banned."""
+    from mlflow.tracking._tracking_service import utils
+
+    store = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{store}/mlflow.db"
+    previous_uri, previous_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("suggester", artifact_location=(store / "artifacts").as_uri())
+        banned = store / "banned.txt"
+        banned.write_text("are\n", encoding="utf-8")
+        with mlflow.start_run(experiment_id=experiment) as run:
+            log_model(tiny_model_dir, banned)
+        yield uri, run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+QUERY = pd.DataFrame({
+    "text": ["good morning , how are ", "i am f", "what do you like to do for f"],
+    "speaker": ["user", "agent", None],
+    "k": [3, 1, 2],
+})
+
+
+def check_predictions(rows: list[dict]) -> None:
+    assert rows[0]["suggestions"][0] == "you" and len(rows[0]["suggestions"]) == 3
+    assert "are" not in rows[0]["suggestions"]  # the banned list travels with the model
+    assert rows[1]["suggestions"] == ["fine"]
+    assert rows[2]["suggestions"][0] == "fun" and len(rows[2]["suggestions"]) == 2
+    assert all(0 <= p <= 1 for row in rows for p in row["probabilities"])
+
+
+def test_logged_model_loads_and_predicts_without_pickles(logged_run):
+    _, run_id = logged_run
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/suggester")
+    check_predictions(model.predict(QUERY).to_dict("records"))
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/suggester"))
+    files = [p.name for p in local.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert "weights.pt" in files and not [f for f in files if f.endswith((".pkl", ".pickle"))]
+
+
+def test_mlflow_models_serve_answers_over_http(logged_run, tmp_path):
+    uri, run_id = logged_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # `--env-manager local` runs uvicorn from this environment: put its scripts on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/suggester",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow models serve did not come up: {(tmp_path / 'serve.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        body = {"dataframe_split": json.loads(QUERY.to_json(orient="split", index=False))}
+        request = urllib.request.Request(f"{base}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            check_predictions(json.loads(response.read())["predictions"])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
