@@ -77,6 +77,8 @@ def test_repro_then_experiment_then_temperature(project):
     for split in ("val", "test"):
         assert metrics[split]["tokens"] > 0 and 1 < metrics[split]["perplexity"] < 10_000
         assert 0 <= metrics[split]["top1"] <= metrics[split]["top3"] <= 1
+    assert metrics["keystrokes"]["words"] > 0 and 0 <= metrics["keystrokes"]["ksr"] < 1
+    assert json.loads((repo / "reports/latency.json").read_text())["latency_p99_ms"] > 0
     curves = (repo / "reports/epochs.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,") and len(curves) == 31  # header + 30 epochs of the toy preset
     assert "## 1." in (repo / "reports/samples.md").read_text()
