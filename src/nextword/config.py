@@ -62,6 +62,7 @@ class ModelParams(_Section):
     tie_weights: bool = False
     adaptive_softmax: bool = False
     cutoffs: list[int] = [2000, 8000]
+    div_value: float = Field(4.0, ge=1)  # each adaptive-softmax tail cluster's size is this times smaller
     embedding_dropout: float = Field(0.0, ge=0, lt=1)  # drops whole words from the embedding
     locked_dropout: bool = False  # one dropout mask per sequence, reused at every time step
 
@@ -71,6 +72,12 @@ class ModelParams(_Section):
         if not v or any(b <= a for a, b in zip(v, v[1:])) or v[0] < 1:
             raise ValueError("must be a non-empty list of increasing positive ints")
         return v
+
+    @model_validator(mode="after")
+    def _tying_needs_the_full_softmax(self):
+        if self.tie_weights and self.adaptive_softmax:
+            raise ValueError("tie_weights needs adaptive_softmax off: the adaptive softmax has its own output weights")
+        return self
 
 
 class TrainParams(_Section):
@@ -93,6 +100,10 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
+    # Keystroke simulation on the first N test conversations (0: all of them);
+    # it types every character, so it is capped to keep `dvc repro` short.
+    ksr_conversations: int = Field(100, ge=0)
+    suggestions: int = Field(3, ge=1)
 
 
 class BaselineParams(_Section):

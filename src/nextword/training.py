@@ -3,13 +3,61 @@
 Lane b of a batch holds a contiguous run of windows, so the recurrent state
 left by one step is the right starting state for the next; it is carried
 and detached between steps (as in PyTorch's word_language_model example).
-After each epoch the model is scored on validation; the best epoch's weights
-are kept. A checkpoint is written after every epoch, so a killed run resumes
-from its last finished epoch and ends with the same result.
+After each epoch the model is scored on validation: the best epoch's weights
+are kept, the learning rate is cut by ``lr_decay`` when validation loss
+stops improving (``ReduceLROnPlateau``), and training stops early after
+``patience`` epochs without improvement.
+
+Resuming: a checkpoint is written after every epoch (model, optimizer,
+scheduler, history, best weights, and every rank's torch/numpy/python RNG
+state). A killed run started again with the same params and data resumes
+from its last finished epoch and ends with the same weights and metrics as
+an uninterrupted run. ``epochs`` and ``threads`` are left out of the match,
+so raising ``epochs`` continues a finished run.
+
+Device: ``device: auto`` picks CUDA when present; ``precision: auto`` then
+trains under bf16 autocast where the GPU supports bf16 (fp32 master weights,
+so no loss scaling), fp32 on older GPUs. On CPU the default is fp32;
+``precision: bf16`` is faster on CPUs with AVX512-BF16 or AMX (and much
+slower on CPUs without), see ``nextword.bench``.
+
+Scale-out with DistributedDataParallel. Under ``torchrun`` (``WORLD_SIZE`` >
+1) each rank trains on its share of the lanes: the global batch of
+``batch_size`` lanes is split across ranks, and each rank's loss is scaled so
+that DDP's gradient average is the global batch's mean over its target tokens,
+the same gradient a single process computes. (A ``DistributedSampler`` would
+shuffle windows and break the carried state, so lanes are split instead.)
+Gloo is the backend on CPU, NCCL on GPU. Rank 0 alone evaluates, logs,
+calls ``on_epoch`` and writes checkpoints; it broadcasts what the others need.
+
+One machine, N processes: ``train.processes: N`` (``dvc exp run -S
+train.processes=2``); the train stage relaunches itself under torchrun's
+launcher. Processes split the machine's cores: torchrun gives each one
+thread unless ``train.threads`` says otherwise (C cores, N processes:
+``train.threads: C/N``).
+
+Several machines: give every machine the data stages' outputs at the same
+paths (``dvc repro window`` or ``dvc pull`` there), then run the train stage
+on each with torchrun's rendezvous settings in ``PET_*`` variables, which the
+stage passes to torchrun's launcher (``torchrun`` itself refuses the stage's
+``--run`` argument as a prefix of its own ``--run-path``)::
+
+    export PET_NNODES=2 PET_NODE_RANK=K PET_MASTER_ADDR=host0 PET_MASTER_PORT=29500
+    dvc repro train                               # on host0 (K=0)
+    python src/stages/train.py <its arguments>    # on the others (K=1, ...), as in dvc.yaml
+
+``train.processes`` is the number of processes per machine. This static
+rendezvous gives global rank 0 to ``host0``: it alone needs the MLflow store
+and writes the model, curves and checkpoint, where a resumed run finds them
+again. Every step all-reduces the gradients (about 45 MB
+for the chat model with the adaptive softmax, 75 MB with the full softmax),
+so across machines the network must keep up with the steps; NCCL is used on
+GPUs (``device: auto``), gloo on CPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -24,22 +72,38 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from nextword.config import TrainParams
+from nextword.errors import NextwordError
 from nextword.files import atomic_path
 from nextword.metrics import evaluate
 from nextword.model import LanguageModel, detach_state
-from nextword.vocab import Vocab
+from nextword.vocab import PAD_ID, Vocab
 from nextword.windows import lanes
 
 log = logging.getLogger(__name__)
 
+# Params that do not change what training computes: a checkpoint made under
+# other values of these is still resumed.
+NOT_FINGERPRINTED = {"epochs", "threads", "processes"}
 
-def resolve_device(name: str) -> torch.device:
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` on ``device``; None for plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def seed_everything(seed: int, threads: int = 0) -> None:
@@ -48,6 +112,28 @@ def seed_everything(seed: int, threads: int = 0) -> None:
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> int:
+    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1); return this process's rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        on_gpu = resolve_device(device, local_rank).type == "cuda"
+        if on_gpu:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return rank_and_world()[0]
+
+
+def finish_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -64,6 +150,43 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _WithLoss(nn.Module):
+    """The model and its loss in one ``forward``, the unit that DistributedDataParallel wraps.
+
+    The loss must be inside ``forward`` so that DDP sees which parameters a
+    step used: with the adaptive softmax a tail cluster without targets on a
+    rank gets no gradient there.
+    """
+
+    def __init__(self, model: LanguageModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inp, tgt, state):
+        feats, state = self.model.features(inp, state)
+        loss, count = self.model.loss(feats, tgt)
+        return loss, count, state
+
+
+def _stopped(result: TrainResult, patience: int) -> bool:
+    return bool(patience) and len(result.history) - result.best_epoch >= patience
+
+
 def train(
     model: LanguageModel,
     train_windows: np.ndarray,
@@ -75,89 +198,151 @@ def train(
     checkpoint: str | Path | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    device = resolve_device(params.device)
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
-    batch_size = max(1, min(params.batch_size, len(train_windows)))
-    data = torch.from_numpy(lanes(train_windows, batch_size, pad_tail=False))
-    steps = data.shape[0] if not params.max_steps_per_epoch else min(data.shape[0], params.max_steps_per_epoch)
-    use_amp = device.type == "cuda"
+    """Train ``model`` in place (ending with the best epoch's weights) and return its history.
 
-    key = fingerprint(model.config, params, seed, train_windows)
+    Under torchrun every rank calls this with the same arguments; ``on_epoch``
+    and the checkpoint are used on rank 0 only.
+    """
+    rank, world = rank_and_world()
+    device = resolve_device(params.device, int(os.environ.get("LOCAL_RANK", "0")))
+    model.to(device)
+    if rank:
+        torch.manual_seed(seed + rank)  # other dropout masks than rank 0's
+    amp_dtype = autocast_dtype(params.precision, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, fused=device.type in ("cpu", "cuda"))
+    scheduler = None
+    if params.lr_decay < 1:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=params.lr_decay, patience=params.lr_patience)
+    runner = _WithLoss(model)
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=model.config.adaptive_softmax)
+
+    batch_size = max(1, min(params.batch_size, len(train_windows)))
+    if batch_size < world:
+        raise NextwordError(f"train.batch_size: {batch_size} lanes cannot be split across {world} processes")
+    all_lanes = lanes(train_windows, batch_size, pad_tail=False)
+    steps = all_lanes.shape[0]
+    if params.max_steps_per_epoch:
+        steps = min(steps, params.max_steps_per_epoch)
+    # Every window has at least one target, so no rank ever sees a step without any.
+    global_targets = (all_lanes[:steps, :, 1:] != PAD_ID).sum(axis=(1, 2))
+    my_lanes = np.array_split(np.arange(batch_size), world)[rank]
+    data = torch.from_numpy(np.ascontiguousarray(all_lanes[:steps, my_lanes])).to(device)
+
+    settings = params.model_dump(exclude=NOT_FINGERPRINTED)
+    key = fingerprint(model.config, settings, seed, world, train_windows, val_windows)
     result = TrainResult()
     start_epoch = 1
-    if checkpoint and Path(checkpoint).exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        if saved.get("fingerprint") == key:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            torch.set_rng_state(saved["rng"])
-            result = TrainResult(saved["history"], saved["best_epoch"], saved["best_state"])
-            start_epoch = saved["epoch"] + 1
+    saved = None
+    if rank == 0 and checkpoint and Path(checkpoint).exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if saved.get("fingerprint") != key:
+            log.info("ignoring %s: it belongs to other params or data", checkpoint)
+            saved = None
+        elif saved["epoch"] > params.epochs:
+            log.info("ignoring %s: it is past epoch %d", checkpoint, params.epochs)
+            saved = None
+    if world > 1:
+        box = [saved]
+        dist.broadcast_object_list(box, src=0)
+        saved = box[0]
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"][rank])
+        result = TrainResult(saved["history"], saved["best_epoch"], saved["best_state"])
+        start_epoch = saved["epoch"] + 1
+        if rank == 0:
             log.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
             for row in result.history:
                 if on_epoch:
                     on_epoch(row)
-        else:
-            log.info("ignoring %s: it belongs to other params or data", checkpoint)
+        del saved
 
     for epoch in range(start_epoch, params.epochs + 1):
+        if _stopped(result, params.patience):
+            if rank == 0:
+                log.info("early stop: no improvement for %d epochs", params.patience)
+            break
         model.train()
+        lr = optimizer.param_groups[0]["lr"]
         state = None
-        total_loss = 0.0
-        total_tokens = 0
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, targets
         started = time.perf_counter()
         bar = tqdm(range(steps), desc=f"epoch {epoch}/{params.epochs}", unit="step", file=sys.stderr,
-                   mininterval=1 if sys.stderr.isatty() else 30, disable=steps < 2)
+                   mininterval=1 if sys.stderr.isatty() else 30, disable=steps < 2 or rank > 0)
         for step in bar:
-            batch = data[step].to(device, non_blocking=True).long()
-            inp, tgt = batch[:, :-1], batch[:, 1:]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                feats, state = model.features(inp, state)
-                loss, count = model.loss(feats, tgt)
+            batch = data[step].long()
+            with autocast:
+                mean, count, state = runner(batch[:, :-1], batch[:, 1:], state)
+            # DDP averages gradients over ranks: scaled so, the average is the global batch's mean.
+            loss = mean * (count * world / float(global_targets[step]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.clip)
             optimizer.step()
             state = detach_state(state)
-            total_loss += loss.item() * count
-            total_tokens += count
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+            totals[0] += mean.detach().double() * count
+            totals[1] += count
+            if step % 50 == 0 and rank == 0:
+                bar.set_postfix(loss=f"{mean.item():.3f}")
+        if world > 1:
+            dist.all_reduce(totals)
         seconds = time.perf_counter() - started
-        val = evaluate(model, val_windows, vocab, eval_batch_size, device)
+        train_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        val = evaluate(model, val_windows, vocab, eval_batch_size, device) if rank == 0 else None
+        if world > 1:
+            box = [val]
+            dist.broadcast_object_list(box, src=0)
+            val = box[0]
+        if scheduler is not None:
+            scheduler.step(val["nll"])
         row = {
             "epoch": epoch,
-            "train_loss": total_loss / max(total_tokens, 1),
-            "train_perplexity": math.exp(total_loss / max(total_tokens, 1)),
+            "train_loss": train_loss,
+            "train_perplexity": math.exp(train_loss),
             "val_loss": val["nll"],
             "val_perplexity": val["perplexity"],
             "val_top3": val["top3"],
-            "tokens_per_second": total_tokens / max(seconds, 1e-9),
+            "lr": lr,
+            "tokens_per_second": totals[1].item() / max(seconds, 1e-9),
             "seconds": seconds,
         }
-        log.info("epoch %d: train loss %.4f, val perplexity %.2f, %.0f tokens/s",
-                 epoch, row["train_loss"], row["val_perplexity"], row["tokens_per_second"])
         result.history.append(row)
         if result.best_state is None or val["nll"] < result.history[result.best_epoch - 1]["val_loss"]:
             result.best_epoch = epoch
             result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        if on_epoch:
-            on_epoch(row)
-        if checkpoint:
-            with atomic_path(checkpoint) as tmp:
-                torch.save(
-                    {
-                        "fingerprint": key,
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "history": result.history,
-                        "best_epoch": result.best_epoch,
-                        "best_state": result.best_state,
-                    },
-                    tmp,
-                )
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world if rank == 0 else None
+            dist.gather_object(rng_state(), rngs, dst=0)
+        if rank == 0:
+            log.info("epoch %d: train loss %.4f, val perplexity %.2f, %.0f tokens/s",
+                     epoch, row["train_loss"], row["val_perplexity"], row["tokens_per_second"])
+            # The checkpoint first: once an epoch is announced, it is durable.
+            if checkpoint:
+                with atomic_path(checkpoint) as tmp:
+                    torch.save(
+                        {
+                            "fingerprint": key,
+                            "epoch": epoch,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "rng": rngs,
+                            "history": result.history,
+                            "best_epoch": result.best_epoch,
+                            "best_state": result.best_state,
+                        },
+                        tmp,
+                    )
+            if on_epoch:
+                on_epoch(row)
     model.load_state_dict(result.best_state)
     return result

@@ -1,7 +1,14 @@
-"""Stage 5: train the language model; log params and per-epoch metrics to a new MLflow run."""
+"""Stage 5: train the language model; log params and per-epoch metrics to a new MLflow run.
+
+With ``train.processes`` > 1, or ``PET_NNODES`` set for several machines, the
+stage relaunches itself under torchrun's launcher (see ``nextword.training``);
+every rank trains, and rank 0 alone logs and writes the outputs.
+"""
 
 import csv
 import io
+import os
+import sys
 
 import numpy as np
 
@@ -10,29 +17,60 @@ from nextword.config import flatten
 from nextword.errors import NextwordError
 from nextword.files import write_text
 from nextword.model import LanguageModel, ModelConfig, save_model_dir
-from nextword.training import seed_everything, train
+from nextword.training import finish_distributed, init_distributed, seed_everything, train
 from nextword.vocab import Vocab
 
 
+def several_machines() -> bool:
+    return os.environ.get("PET_NNODES", "1") not in ("1", "1:1")
+
+
+def relaunch_under_torchrun(processes: int) -> None:
+    """Run this script again as ``processes`` workers on this machine, as torchrun does.
+
+    torchrun's launcher is called in-process rather than as a command because
+    its command line refuses this stage's ``--run`` (a prefix of its ``--run-path``).
+    Its other settings come from ``PET_*`` variables (``PET_NNODES``, ``PET_NODE_RANK``,
+    ``PET_RDZV_ENDPOINT``, ...), as for torchrun itself.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args([f"--nproc-per-node={processes}", __file__])
+    launch.training_script_args = sys.argv[1:]
+    try:
+        run(launch)
+    except ChildFailedError as err:
+        raise NextwordError(f"a training process failed: {err.get_first_failure()[1].message}") from None
+
+
 def main(args, params):
-    tracking.connect()  # an unreachable store fails here, not after training
+    launched = "LOCAL_RANK" in os.environ
+    if (params.train.processes > 1 or several_machines()) and not launched:
+        tracking.connect()  # an unreachable store fails here, before any process starts
+        relaunch_under_torchrun(params.train.processes)
+        return
+    rank = init_distributed(params.train.device)
+    if rank == 0:
+        tracking.connect()  # an unreachable store fails here, not after training
     seed_everything(params.seed, params.train.threads)
     vocab = Vocab.load(args.vocab)
     windows = {s: np.load(f"{args.windows}/{s}.npy") for s in ("train", "val")}
     for split, key in (("train", "data.split"), ("val", "data.split.val")):
         if len(windows[split]) == 0:
             raise NextwordError(f"the {split} split has no windows; check {key} and the data")
-    m = params.model
-    config = ModelConfig(vocab_size=len(vocab), embedding=m.embedding, hidden=m.hidden, layers=m.layers,
-                         dropout=m.dropout, cell=m.cell, tie_weights=m.tie_weights,
-                         adaptive_softmax=m.adaptive_softmax, cutoffs=tuple(m.cutoffs))
-    model = LanguageModel(config)
+    model = LanguageModel(ModelConfig.from_dict({"vocab_size": len(vocab), **params.model.model_dump()}))
+    if rank:
+        train(model, windows["train"], windows["val"], vocab, params.train, params.evaluate.batch_size, params.seed)
+        finish_distributed()
+        return
     with tracking.new_run(flatten(params)) as (mlflow, run_id):
         def log_epoch(row):
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
         result = train(model, windows["train"], windows["val"], vocab, params.train, params.evaluate.batch_size,
                        params.seed, checkpoint=args.checkpoint, on_epoch=log_epoch)
+        finish_distributed()
         model.cpu()
         save_model_dir(args.model, model, vocab, {
             "speaker_tags": params.window.speaker_tags,

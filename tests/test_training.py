@@ -1,0 +1,241 @@
+"""The training loop: resuming a killed run, two processes under torchrun, the LR schedule, early stopping.
+
+The resume and torchrun tests run real processes on a tiny corpus: a driver
+script (written to a temporary folder) calls :func:`nextword.training.train`
+and saves the final weights and history.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CONVERSATION
+from nextword.config import TrainParams
+from nextword.model import LanguageModel, ModelConfig
+from nextword.text import tokenize
+from nextword.training import train
+from nextword.vocab import Vocab
+from nextword.windows import cut_windows, split_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"seconds", "tokens_per_second"}
+
+DRIVER = """
+import json, logging, sys, time
+import numpy as np, torch
+from nextword.config import TrainParams
+from nextword.model import LanguageModel, ModelConfig
+from nextword.training import finish_distributed, init_distributed, seed_everything, train
+from nextword.vocab import Vocab
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+data, out, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+rank = init_distributed("cpu")
+seed_everything(3, threads=1)
+vocab = Vocab.load(f"{data}/vocab.json")
+windows = {s: np.load(f"{data}/{s}.npy") for s in ("train", "val")}
+model = LanguageModel(ModelConfig.from_dict({"vocab_size": len(vocab), **spec["model"]}))
+
+def on_epoch(row):
+    print("finished epoch", row["epoch"], flush=True)
+    if row["epoch"] == spec.get("hang_after"):
+        time.sleep(600)  # killed here by the test
+
+result = train(model, windows["train"], windows["val"], vocab, TrainParams(**spec["train"]), 8, seed=3,
+               checkpoint=spec.get("checkpoint"), on_epoch=on_epoch)
+finish_distributed()
+if rank == 0:
+    torch.save({"weights": model.state_dict(), "history": result.history, "best_epoch": result.best_epoch}, out)
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: tiny matrices gain nothing from more, and a busy machine makes them wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenized = [(speaker, tokenize(text)) for speaker, text in TINY_CONVERSATION]
+    vocab = Vocab.build([toks for _, toks in tokenized])
+    vocab.save(folder / "vocab.json")
+    rng = np.random.default_rng(0)
+    for split, repeats in (("train", 24), ("val", 4)):
+        messages = [tokenized[i] for i in rng.integers(0, len(tokenized), repeats * len(tokenized))]
+        np.save(folder / f"{split}.npy", cut_windows(split_stream(messages, vocab, speaker_tags=True), 8))
+    (folder / "driver.py").write_text(DRIVER)
+    return folder
+
+
+def spec(**train_overrides) -> dict:
+    return {
+        "model": {"embedding": 16, "hidden": 24, "layers": 2, "dropout": 0.3, "embedding_dropout": 0.1,
+                  "locked_dropout": True},
+        "train": {"batch_size": 8, "epochs": 3, "lr": 0.01, "clip": 1.0, "device": "cpu", "threads": 1,
+                  "lr_decay": 0.5, **train_overrides},
+    }
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
+def start(data: Path, out: Path, run_spec: dict, torchrun: int = 0) -> subprocess.Popen:
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    return subprocess.Popen([*launcher, str(data / "driver.py"), str(data), str(out), json.dumps(run_spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+
+
+def finish(proc: subprocess.Popen, out: Path) -> dict:
+    """Wait for a driver started by :func:`start`: what it saved, and its log."""
+    try:
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-4000:]
+    return torch.load(out, weights_only=False) | {"log": log}
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tiny_data, tmp_path):
+    # The uninterrupted run and the run to be killed go side by side.
+    full = start(tiny_data, tmp_path / "full.pt", spec() | {"checkpoint": str(tmp_path / "full.ckpt")})
+    checkpoint = tmp_path / "killed.ckpt"
+    killed = start(tiny_data, tmp_path / "never.pt", spec() | {"checkpoint": str(checkpoint), "hang_after": 1})
+    try:
+        for line in killed.stdout:
+            if line.startswith("finished epoch"):
+                break
+        assert line.strip() == "finished epoch 1"
+    finally:
+        killed.kill()
+        killed.wait()
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    assert not (tmp_path / "never.pt").exists()
+
+    resumed = finish(start(tiny_data, tmp_path / "resumed.pt", spec() | {"checkpoint": str(checkpoint)}),
+                     tmp_path / "resumed.pt")
+    uninterrupted = finish(full, tmp_path / "full.pt")
+    assert "resuming from" in resumed["log"]
+    assert without_timing(resumed["history"]) == without_timing(uninterrupted["history"])
+    assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+    assert resumed["weights"].keys() == uninterrupted["weights"].keys()
+    for name, value in uninterrupted["weights"].items():
+        assert torch.equal(resumed["weights"][name], value), name
+
+
+def test_two_processes_follow_the_single_process_loss_curve(tiny_data, tmp_path):
+    # No dropout, so that the ranks' other random masks do not matter; the adaptive
+    # softmax, so that a tail cluster without targets on a rank is exercised.
+    run_spec = spec(epochs=4, batch_size=7)  # lanes split 4 + 3: the loss weighting matters
+    run_spec["model"] = {"embedding": 16, "hidden": 32, "layers": 2, "dropout": 0.0,
+                         "adaptive_softmax": True, "cutoffs": [8, 16]}
+    double = start(tiny_data, tmp_path / "double.pt", run_spec, torchrun=2)
+    single = finish(start(tiny_data, tmp_path / "single.pt", run_spec), tmp_path / "single.pt")
+    double = finish(double, tmp_path / "double.pt")
+    curve = lambda result, key: [row[key] for row in result["history"]]  # noqa: E731
+    for key in ("train_loss", "val_loss"):
+        assert curve(double, key) == pytest.approx(curve(single, key), rel=1e-4), key
+    assert curve(single, "train_loss")[-1] < curve(single, "train_loss")[0] - 0.5  # it did learn
+
+
+def small_model(vocab_size: int) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(ModelConfig(vocab_size=vocab_size, embedding=8, hidden=16, layers=1, dropout=0.0))
+
+
+def load(folder: Path):
+    return Vocab.load(folder / "vocab.json"), np.load(folder / "train.npy"), np.load(folder / "val.npy")
+
+
+def test_lr_is_cut_on_a_plateau_and_training_stops_early(tiny_data, monkeypatch):
+    vocab, train_windows, val_windows = load(tiny_data)
+    val_losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+
+    def scripted_evaluate(*args, **kwargs):
+        nll = next(val_losses)
+        return {"nll": nll, "perplexity": np.exp(nll), "top3": 0.0}
+
+    monkeypatch.setattr("nextword.training.evaluate", scripted_evaluate)
+    model = small_model(len(vocab))
+    snapshots = []
+    params = TrainParams(batch_size=8, epochs=6, lr=0.01, clip=1.0, device="cpu", lr_decay=0.5, patience=2)
+    result = train(model, train_windows, val_windows, vocab, params, 8, seed=0,
+                   on_epoch=lambda row: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}))
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]  # two epochs without improvement
+    assert [row["lr"] for row in result.history] == [0.01, 0.01, 0.01, 0.005]
+    assert result.best_epoch == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[1][name]), name  # the best epoch's weights are kept
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_lowers_the_loss_on_cpu(tiny_data, precision):
+    vocab, train_windows, val_windows = load(tiny_data)
+    params = TrainParams(batch_size=8, epochs=3, lr=0.01, clip=1.0, device="auto", precision=precision)
+    result = train(small_model(len(vocab)), train_windows, val_windows, vocab, params, 8, seed=0)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0] and result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tiny_data, tmp_path):
+    vocab, train_windows, val_windows = load(tiny_data)
+    checkpoint = tmp_path / "checkpoint.pt"
+    params = TrainParams(batch_size=8, epochs=1, lr=0.01, clip=1.0, device="cpu")
+    train(small_model(len(vocab)), train_windows, val_windows, vocab, params, 8, seed=0, checkpoint=checkpoint)
+    # more epochs continue the same run ...
+    longer = params.model_copy(update={"epochs": 2})
+    result = train(small_model(len(vocab)), train_windows, val_windows, vocab, longer, 8, seed=0,
+                   checkpoint=checkpoint)
+    assert len(result.history) == 2 and torch.load(checkpoint, weights_only=False)["epoch"] == 2
+    # ... another learning rate starts over
+    other = params.model_copy(update={"lr": 0.02})
+    result = train(small_model(len(vocab)), train_windows, val_windows, vocab, other, 8, seed=0,
+                   checkpoint=checkpoint)
+    assert len(result.history) == 1
+
+
+def test_bench_prints_one_json_object(tiny_data, tmp_path, capsys):
+    """``make bench`` drives this training loop; here on tiny data, its speed not judged."""
+    from nextword.bench import main
+    from nextword.cli import main as cli
+
+    cli(["params", "toy", "model.embedding=16", "model.hidden=16", "train.batch_size=4", "--out",
+         str(tmp_path / "params.yaml")])
+    capsys.readouterr()
+    main(["--params", str(tmp_path / "params.yaml"), "--windows", str(tiny_data), "--vocab",
+          str(tiny_data / "vocab.json"), "--steps", "2", "--rounds", "2", "--matmul-size", "256"])
+    report = json.loads(capsys.readouterr().out)
+    for name in ("chat", "reference"):
+        figures = report[name]
+        assert figures["tokens_per_second"] > 0 and len(figures["tokens_per_second_by_round"]) == 2
+        assert figures["utilisation"] == pytest.approx(
+            figures["tokens_per_second"] * figures["flops_per_token"] / 1e9 / figures["matmul_gflops"], abs=1e-3)
+    assert report["reference"]["options"]["adaptive_softmax"] is False
+    assert report["timed_steps"] == 4
+
+
+def test_bench_says_in_one_line_when_the_data_is_missing(tmp_path, capsys):
+    from nextword.bench import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--windows", str(tmp_path), "--vocab", str(tmp_path / "vocab.json")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'train.npy'}: not found; build the chat data first (make repro, or dvc repro window)")
