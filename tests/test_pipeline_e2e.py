@@ -129,6 +129,15 @@ def test_repro_then_experiment_then_temperature(project):
         assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/epochs.csv"]
         assert "reports/samples.md" in {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert by_name["two-layers"].data.params["model.layers"] == "2"
+    # the train stage logged a servable model into its run
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    suggester = mlflow.pyfunc.load_model(f"runs:/{by_name['two-layers'].info.run_id}/suggester")
+    import pandas as pd
+
+    out = suggester.predict(pd.DataFrame({"text": ["the quick "], "speaker": ["user"], "k": [3]}))
+    assert len(out["suggestions"][0]) == 3
     assert by_name["two-layers"].data.metrics["lstm_test_perplexity"] == pytest.approx(layers[2])
 
 
@@ -136,7 +145,7 @@ def test_unreachable_tracking_server_fails_the_stage_at_once(project):
     env = dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:9", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(
         [sys.executable, "src/stages/train.py", "--vocab", "data/processed/vocab.json", "--windows",
-         "data/processed/windows", "--model", "/tmp/never", "--checkpoint", "/tmp/never.pt", "--curves",
+         "data/processed/windows", "--banned", "data/banned_words.txt", "--model", "/tmp/never", "--checkpoint", "/tmp/never.pt", "--curves",
          "/tmp/never.csv", "--run", "/tmp/never.json"],
         cwd=project.path, env=env, capture_output=True, text=True, timeout=120,
     )

@@ -17,6 +17,7 @@ from nextword.config import flatten
 from nextword.errors import NextwordError
 from nextword.files import write_text
 from nextword.model import LanguageModel, ModelConfig, save_model_dir
+from nextword.pyfunc import log_model
 from nextword.training import finish_distributed, init_distributed, seed_everything, train
 from nextword.vocab import Vocab
 
@@ -85,9 +86,12 @@ def main(args, params):
         mlflow.log_metric("best_epoch", result.best_epoch)
         mlflow.log_artifacts(args.model, "model")
         mlflow.log_artifact(args.curves, "plots")
+        # The servable model (`mlflow models serve -m runs:/<id>/suggester`) carries the banned-word
+        # list: a list change reruns this stage, which then resumes its finished checkpoint and trains nothing.
+        log_model(args.model, args.banned, name="suggester")
         tracking.write_run_file(args.run, run_id)
     print(f"{args.model}: best epoch {result.best_epoch} of {len(result.history)}")
 
 
 if __name__ == "__main__":
-    stage.run(main, "vocab", "windows", "model", "checkpoint", "curves", "run", description=__doc__)
+    stage.run(main, "vocab", "windows", "banned", "model", "checkpoint", "curves", "run", description=__doc__)
