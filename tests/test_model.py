@@ -96,3 +96,25 @@ def test_flops_per_token_count_the_matrix_multiplies():
     assert count_flops_per_token(ada) == 6 * (4 * 12 * (8 + 12) + 4 * 12 * 24 + 12 * (10 + 2))
     gru = config(cell="gru", layers=1)
     assert count_flops_per_token(gru) == 6 * (3 * 12 * 20 + 12 * 40)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_pad_targets_are_masked_out_of_the_loss(adaptive):
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=50, embedding=8, hidden=12, layers=1, dropout=0.0,
+                                      adaptive_softmax=adaptive, cutoffs=(10, 30))).eval()
+    ids = torch.randint(6, 50, (3, 7))
+    targets = torch.randint(6, 50, (3, 7))
+    targets[1, 4:] = PAD_ID  # a padded tail, as the last window of a split has
+    feats, _ = model.features(ids)
+    loss, count = model.loss(feats, targets)
+    assert count == 3 * 7 - 3
+    # the mean NLL over the real targets only, from the full distribution
+    log_probs = model.log_probs(feats)
+    keep = targets != PAD_ID
+    expected = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[keep].mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    # whatever sits at a padded position does not change the loss
+    other = targets.clone()
+    other[1, 4:] = 7
+    assert not torch.allclose(model.loss(feats, other)[0], loss)

@@ -70,3 +70,26 @@ def test_lanes_are_contiguous_runs_of_windows():
     assert evaluation.shape == (4, 3, 3)
     kept = sorted(int(x) for x in evaluation[:, :, 0].ravel() if x != PAD_ID)
     assert kept == list(range(1, 10))
+
+
+def test_vocab_stage_reads_the_train_split_only(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1]
+    tokens = tmp_path / "tokens.parquet"
+    pd.DataFrame({
+        "conversation_id": ["a", "b", "c"], "turn": [0, 0, 0], "speaker": ["user"] * 3,
+        "split": ["train", "val", "test"],
+        "tokens": [["hello", "there"], ["onlyinval"], ["onlyintest", "hello"]],
+    }).to_parquet(tokens)
+    params = tmp_path / "params.yaml"  # the toy preset: vocab.min_freq 1
+    subprocess.run([sys.executable, "-m", "nextword.cli", "params", "toy", "--conf", str(root / "conf"),
+                    "--out", str(params)], check=True, capture_output=True)
+    out = tmp_path / "vocab.json"
+    subprocess.run([sys.executable, str(root / "src/stages/vocab.py"), "--params", str(params),
+                    "--tokens", str(tokens), "--out", str(out)], check=True, capture_output=True)
+    assert Vocab.load(out).tokens[len(SPECIALS):] == ["hello", "there"]

@@ -239,3 +239,20 @@ def test_bench_says_in_one_line_when_the_data_is_missing(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path / 'train.npy'}: not found; build the chat data first (make repro, or dvc repro window)")
+
+
+def test_same_params_and_seed_give_the_same_metrics_and_weights(tiny_data):
+    from nextword.training import seed_everything
+
+    vocab, train_windows, val_windows = load(tiny_data)
+    params = TrainParams(batch_size=8, epochs=2, lr=0.01, clip=1.0, device="cpu")
+    runs = []
+    for _ in range(2):
+        seed_everything(5)
+        model = LanguageModel(ModelConfig(vocab_size=len(vocab), embedding=16, hidden=24, layers=2, dropout=0.3))
+        result = train(model, train_windows, val_windows, vocab, params, 8, seed=5)
+        runs.append(([{k: v for k, v in row.items() if k not in TIMING} for row in result.history],
+                     model.state_dict()))
+    (history_a, weights_a), (history_b, weights_b) = runs
+    assert history_a == history_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

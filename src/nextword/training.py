@@ -183,6 +183,15 @@ class _WithLoss(nn.Module):
         return loss, count, state
 
 
+def _from_rank0(obj, world: int):
+    """Rank 0's ``obj`` on every rank (a no-op in a single process)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _stopped(result: TrainResult, patience: int) -> bool:
     return bool(patience) and len(result.history) - result.best_epoch >= patience
 
@@ -246,10 +255,7 @@ def train(
         elif saved["epoch"] > params.epochs:
             log.info("ignoring %s: it is past epoch %d", checkpoint, params.epochs)
             saved = None
-    if world > 1:
-        box = [saved]
-        dist.broadcast_object_list(box, src=0)
-        saved = box[0]
+    saved = _from_rank0(saved, world)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -297,10 +303,7 @@ def train(
         seconds = time.perf_counter() - started
         train_loss = (totals[0] / totals[1].clamp(min=1)).item()
         val = evaluate(model, val_windows, vocab, eval_batch_size, device) if rank == 0 else None
-        if world > 1:
-            box = [val]
-            dist.broadcast_object_list(box, src=0)
-            val = box[0]
+        val = _from_rank0(val, world)
         if scheduler is not None:
             scheduler.step(val["nll"])
         row = {
