@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from nextword.config import EngineParams
 from nextword.model import LanguageModel, ModelConfig, detach_state, save_model_dir
 from nextword.text import tokenize
 from nextword.vocab import Vocab
 from nextword.windows import cut_windows, lanes, split_stream
+
+# The engine as the LSTM alone: no n-gram, no cache, rejected words shown again, float32.
+PLAIN = EngineParams(ngram_weight=0, cache_weight=0, skip_rejected=False, int8=False)
 
 TINY_CONVERSATION = [
     ("user", "good morning , how are you today ?"),
@@ -52,7 +56,7 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float = 10.0):
+def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float = 10.0, options=PLAIN, ngram=None):
     """An Engine whose next-token distribution never changes: softmax of ``logits`` (and the specials).
 
     A real LanguageModel with a zero output matrix, so its output bias alone
@@ -73,7 +77,7 @@ def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float 
         model.decoder.bias[: len(SPECIALS)] = special_logit
         for token, logit in logits.items():
             model.decoder.bias[vocab.id(token)] = logit
-    return Engine(model.eval(), vocab, {"speaker_tags": True, "window_length": 4}, set(banned))
+    return Engine(model.eval(), vocab, {"speaker_tags": True, "window_length": 4}, set(banned), ngram, options)
 
 
 @pytest.fixture

@@ -130,7 +130,7 @@ def test_chat_shows_suggestions_and_tab_accepts(tiny_model_dir):
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     seen = b""
 
-    def screen_until(pattern, timeout=60):
+    def screen_until(pattern, timeout=120):
         nonlocal seen
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PLAIN
 from nextword.engine import Engine
 from nextword.errors import NextwordError
 from nextword.text import is_word, tokenize
@@ -17,7 +18,7 @@ HISTORY = [("user", "good morning , how are you today ?"), ("agent", "i am fine 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    return Engine.load(tiny_model_dir)
+    return Engine.load(tiny_model_dir, options=PLAIN)
 
 
 def from_scratch(engine, tokens):
@@ -213,10 +214,96 @@ def test_a_pickled_object_in_the_weights_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_int8_engine_gives_nearly_the_same_distribution(engine, tiny_model_dir):
-    quantized = Engine.load(tiny_model_dir, int8=True)
+    quantized = Engine.load(tiny_model_dir, options=PLAIN.model_copy(update={"int8": True}))
     for speaker, text in [("user", "good morning , how are "), ("agent", "i like to read b"), ("user", "what do you ")]:
         full, small = engine.session(), quantized.session()
         partial = full.type_text(speaker, text)
         small.type_text(speaker, text)
         assert [s.word for s in full.suggest(partial)][:1] == [s.word for s in small.suggest(partial)][:1]
         np.testing.assert_allclose(np.exp(small.log_probs), np.exp(full.log_probs), atol=0.01)
+
+
+# ---------------------------------------------------------------- the mixture and the skipped suggestions
+
+WORDS = {"the": 5.0, "they": 4.0, "then": 3.0, "there": 2.0, "them": 1.0, "cat": 0.5, "dog": 0.0}
+
+
+def test_words_passed_over_are_not_shown_again_for_the_same_word(fixed_engine):
+    skipping = fixed_engine(WORDS, options=PLAIN.model_copy(update={"skip_rejected": True})).session()
+    skipping.start_message("user")
+    assert [s.word for s in skipping.suggest("", typing=True)] == ["the", "they", "then"]
+    assert [s.word for s in skipping.suggest("t", typing=True)] == ["there", "them"]  # the three above were passed over
+    assert [s.word for s in skipping.suggest("th", typing=True)] == []
+    assert [s.word for s in skipping.suggest("", typing=True)] == ["the", "they", "then"]  # erased back: shown again
+    assert [s.word for s in skipping.suggest("c", typing=True)] == ["cat"]
+    skipping.feed("cat")  # the next word: what the strip showed for it is worked out from its prefix alone
+    assert [s.word for s in skipping.suggest("t", typing=True)] == ["there", "them"]
+    assert [s.word for s in skipping.suggest("t", 2, typing=True)] == ["then", "there"]  # at "", k = 2 showed the, they
+    assert [s.word for s in skipping.suggest("", typing=True)] == ["the", "they", "then"]
+    plain = fixed_engine(WORDS).session()
+    plain.start_message("user")
+    plain.suggest("", typing=True)
+    assert [s.word for s in plain.suggest("t", typing=True)] == ["the", "they", "then"]
+
+
+def test_the_cache_mixes_in_the_words_of_this_conversation(fixed_engine):
+    c = 0.2
+    plain, cached = fixed_engine(WORDS), fixed_engine(WORDS, options=PLAIN.model_copy(update={"cache_weight": c}))
+    session = cached.session()
+    session.add_message("user", "the dog , the cat")
+    session.start_message("agent")
+    p = np.exp(cached.model.log_probs(torch.zeros(1, 4))[0].detach().numpy())  # the fixed LSTM distribution
+    expected = (1 - c) * p
+    for word, count in (("the", 2), ("dog", 1), ("cat", 1)):  # punctuation and specials are not cached
+        expected[cached.vocab.id(word)] += c * count / 4
+    np.testing.assert_allclose(np.exp(session.log_probs), expected, rtol=1e-5, atol=1e-7)
+    # "cat" and "dog", the LSTM's last words, overtake "they" once the conversation used them.
+    assert [s.word for s in session.suggest("", 4)] == ["the", "cat", "dog", "they"]
+    plain_session = plain.session()
+    plain_session.start_message("agent")
+    assert [s.word for s in plain_session.suggest("", 4)] == ["the", "they", "then", "there"]
+    fresh = cached.session()  # another conversation: no cache
+    fresh.start_message("agent")
+    np.testing.assert_allclose(np.exp(fresh.log_probs), p, rtol=1e-5, atol=1e-7)
+
+
+def test_the_ngram_mixes_in_after_the_last_ids_in_suggestions_and_completions(fixed_engine, tmp_path):
+    from nextword.ngram import KneserNey
+    from nextword.windows import message_tokens
+
+    a = 0.5
+    base = fixed_engine(WORDS)
+    texts = ["the cat", "then the dog", "the cat", "they them"] * 5
+    stream = [base.vocab.id(t) for text in texts for t in message_tokens("user", tokenize(text), True)]
+    ngram = KneserNey.fit(stream, len(base.vocab), order=3)
+    mixed = fixed_engine(WORDS, ngram=ngram, options=PLAIN.model_copy(update={"ngram_weight": a}))
+    session = mixed.session()
+    session.type_text("user", "the ")
+    history = [mixed.vocab.id(t) for t in ("<BOS>", "the")]
+    p_lstm = np.exp(base.model.log_probs(torch.zeros(1, 4))[0].detach().numpy())
+    expected = (1 - a) * p_lstm + a * ngram.next_probs([history])[0]
+    np.testing.assert_allclose(np.exp(session.log_probs), expected, rtol=1e-5, atol=1e-7)
+    assert session.suggest("")[0].word == "cat"  # "the cat" in the counts outweighs the LSTM's "the"
+    # Completions step through the same mixture: greedy follows the counts ("the cat <EOS>").
+    assert session.complete("greedy", 5) == ["cat"]
+
+
+def test_a_model_folder_with_an_ngram_is_loaded_with_it(tiny_model_dir, tmp_path):
+    from conftest import TINY_CONVERSATION
+    from nextword.model import load_model_dir, save_model_dir
+    from nextword.ngram import KneserNey
+    from nextword.windows import split_stream
+
+    model, vocab, config = load_model_dir(tiny_model_dir)
+    stream = split_stream([(s, tokenize(t)) for s, t in TINY_CONVERSATION], vocab, True)
+    folder = tmp_path / "model"
+    save_model_dir(folder, model, vocab, config, KneserNey.fit(stream, len(vocab), order=3))
+    assert (folder / "ngram.npz").is_file()
+    options = PLAIN.model_copy(update={"ngram_weight": 0.3})
+    with_ngram = Engine.load(folder, options=options)
+    assert with_ngram.ngram is not None and with_ngram.ngram.order == 3
+    assert Engine.load(tiny_model_dir, options=options).ngram is None  # a folder without one: the LSTM alone
+    assert Engine.load(folder, options=PLAIN).ngram is None  # weight 0: not even loaded
+    (folder / "ngram.npz").write_bytes(b"not an npz")
+    with pytest.raises(NextwordError, match="cannot load the model folder"):
+        Engine.load(folder, options=options)

@@ -54,6 +54,28 @@ def test_ksr_on_a_hand_computed_case(fixed_engine):
     assert 0 <= report.cpu_p50_ms <= report.cpu_p99_ms
 
 
+def test_ksr_when_words_passed_over_make_room_for_others(fixed_engine):
+    from conftest import PLAIN
+
+    engine = fixed_engine(LOGITS, options=PLAIN.model_copy(update={"skip_rejected": True}))
+    # At i = 0 the strip is always the, they, then; a word typed on past it drops them, so after "t"
+    # it shows there, them (the only other t-words).
+    #   word   shown at          cost  without
+    #   the    i = 0              1     4
+    #   cat    i = 1 ("c")        2     4
+    #   there  i = 1 ("t")        2     6
+    #   apple  i = 1 ("a")        2     6
+    #   them   i = 1 ("t")        2     5
+    #   zebra  out of vocabulary  6     6
+    #   they   i = 0              1     5
+    #   total                    16    36  ->  KSR = 1 - 16/36 = 5/9
+    report = simulate(engine, [CONVERSATION])
+    assert (report.keystrokes, report.keystrokes_without) == (16, 36)
+    assert report.ksr == pytest.approx(5 / 9)
+    assert (report.top1, report.top3) == (pytest.approx(1 / 7), pytest.approx(2 / 7))  # the strip at i = 0 is unchanged
+    assert report.latency_keystrokes == 1 + 2 + 2 + 2 + 2 + 5 + 1
+
+
 def test_banned_word_costs_full_length(fixed_engine):
     # With "the" banned, "then" moves into the top three and "the" is never shown: 4 keys, not 1.
     engine = fixed_engine(LOGITS, banned={"the"})

@@ -193,3 +193,17 @@ def test_scores_counts_word_targets_and_word_candidates_only():
     assert (result["tokens"], result["word_tokens"]) == (3, 2)
     assert (result["top1"], result["top3"]) == (0.5, 0.5)
     assert result["nll"] == pytest.approx(-(math.log(0.1) + math.log(0.1) + math.log(0.1)) / 3)
+
+
+def test_saved_model_loads_with_the_same_distributions(tmp_path):
+    stream = random_stream(3000, 12)
+    model = KneserNey.fit(stream, 12, order=4)
+    path = tmp_path / "ngram.npz"
+    model.save(path)
+    loaded = KneserNey.load(path)
+    assert (loaded.order, loaded.vocab_size) == (4, 12)
+    assert loaded.discounts == model.discounts
+    histories = [stream[i: i + 3].tolist() for i in range(0, 300, 7)] + [[], [5], [11, 11, 11]]
+    np.testing.assert_allclose(loaded.next_probs(histories), model.next_probs(histories), rtol=1e-6)
+    with np.load(path, allow_pickle=False) as arrays:  # plain arrays only: loads without pickle
+        assert all(arrays[name].dtype != object for name in arrays.files)

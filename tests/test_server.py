@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from conftest import PLAIN
 from nextword.engine import Engine
 from nextword.server import MAX_BODY, EventLog, Message, SessionCache, background_server, create_app, split_typed
 
@@ -18,8 +19,9 @@ GREETING = "good morning , how are you today ?"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
+    """The API over the LSTM alone (PLAIN), so that suggestions can be checked against the engine's."""
     log_path = tmp_path_factory.mktemp("server") / "keystrokes.jsonl"
-    with background_server(create_app(tiny_model_dir, log_path=log_path)) as url:
+    with background_server(create_app(tiny_model_dir, log_path=log_path, options=PLAIN)) as url:
         yield url, log_path
 
 
@@ -67,6 +69,18 @@ def test_suggests_next_words_and_completes_the_partial_word(server):
     assert body["latency_ms"] >= 0
 
 
+def test_while_typing_words_passed_over_are_skipped_whatever_was_asked_before(tiny_model_dir, tmp_path):
+    with background_server(create_app(tiny_model_dir, log_path=tmp_path / "log.jsonl")) as url:
+        server = (url, None)
+        # Asked first, before the strip for "" was: it is worked out from the text, not remembered.
+        assert "you" not in words(suggest(server, "good morning , how are y", typing=True))
+        before = words(suggest(server, "good morning , how are ", typing=True))
+        assert before[0] == "you"  # shown before "y" was typed, so left out after it
+        assert "you" not in words(suggest(server, "good morning , how are y", typing=True))
+        assert words(suggest(server, "good morning , how are ", typing=True)) == before  # erased back: the same
+        assert words(suggest(server, "good morning , how are y")) == ["you"]  # a one-off query leaves nothing out
+
+
 def test_k_sets_how_many_come_back(server):
     assert len(suggest(server, "", k=1)["suggestions"]) == 1
     assert len(suggest(server, "", k=5)["suggestions"]) == 5
@@ -91,7 +105,7 @@ def test_a_keystroke_inside_a_word_runs_no_model_step(server):
 
 
 def test_cached_sessions_give_what_a_fresh_session_gives(server, tiny_model_dir):
-    engine = Engine.load(tiny_model_dir)
+    engine = Engine.load(tiny_model_dir, options=PLAIN)
     history = [{"speaker": "user", "text": GREETING}, {"speaker": "agent", "text": "i am fine , thank you"}]
     for speaker, text in [("user", "what do y"), ("user", "what do you like to "), ("agent", ""), ("user", "Good mor")]:
         session = engine.session()

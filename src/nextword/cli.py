@@ -48,10 +48,25 @@ def probability(text: str) -> float:
     return value
 
 
+def engine_options(args):
+    """The engine flags as :class:`~nextword.config.EngineParams` (its defaults where a flag is not given)."""
+    from nextword.config import EngineParams
+
+    return EngineParams(ngram_weight=args.ngram_weight, cache_weight=args.cache_weight,
+                        skip_rejected=not args.show_rejected, int8=not args.fp32)
+
+
+def weight(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def load_engine(args):
     from nextword.engine import Engine
 
-    return Engine.load(args.model, args.banned, int8=getattr(args, "int8", False))
+    return Engine.load(args.model, args.banned, engine_options(args))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -101,6 +116,8 @@ def cmd_evaluate(args) -> None:
     from nextword.text import tokenize
     from nextword.windows import cut_windows, split_stream
 
+    from nextword.model import load_model_dir
+
     conversations = conversations_from_table(messages)[: args.max_conversations]
     threads = args.threads or torch.get_num_threads()
     engine = load_engine(args)
@@ -110,14 +127,14 @@ def cmd_evaluate(args) -> None:
     stream = split_stream(messages, engine.vocab, engine.speaker_tags)
     windows = cut_windows(stream, int(engine.config.get("window_length", 15)))
     torch.set_num_threads(threads)
-    scores = evaluate(engine.model, windows, engine.vocab)
+    scores = evaluate(load_model_dir(args.model)[0], windows, engine.vocab)  # the LSTM alone, in float32
     torch.set_num_threads(1)  # latency is measured on one thread
     keys = simulate(engine, conversations, k=3)
 
     result = {
         "csv": str(args.csv),
         "model": str(args.model),
-        "int8": args.int8,
+        "engine": engine_options(args).model_dump(exclude={"ngram_order"}),
         "conversations": keys.conversations,
         "messages": keys.messages,
         "perplexity": scores["perplexity"],
@@ -129,7 +146,7 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['csv']}: {keys.conversations} conversations, {keys.messages} messages, {keys.words} words")
-    print(f"perplexity      {scores['perplexity']:.2f} (nll {scores['nll']:.4f} over {scores['tokens']} tokens)")
+    print(f"perplexity      {scores['perplexity']:.2f} (the LSTM; nll {scores['nll']:.4f} over {scores['tokens']} tokens)")
     print(f"top-1 / top-3   {keys.top1:.3f} / {keys.top3:.3f}")
     print(f"keystrokes      {keys.keystrokes} of {keys.keystrokes_without}: KSR {keys.ksr:.2%} (3 suggestions)")
     print(f"latency         p50 {keys.latency_p50_ms:.3f} ms, p99 {keys.latency_p99_ms:.3f} ms per keystroke "
@@ -162,7 +179,7 @@ def run_chat(engine, speaker: str, k: int, alternate: bool = True) -> None:
 
     def shown(text: str):
         partial = session.type_text(current["speaker"], text)
-        return partial, session.suggest(partial, k)
+        return partial, session.suggest(partial, k, typing=True)
 
     keys = KeyBindings()
 
@@ -210,7 +227,7 @@ def cmd_serve(args) -> None:
     if not Path(args.model).is_dir():
         raise NextwordError(f"{args.model}: no such model folder; run the pipeline or pass --model")
     kwargs = {"log_path": args.log} if args.log else {}
-    serve(args.model, banned_words=args.banned, host=args.host, port=args.port, **kwargs)
+    serve(args.model, banned_words=args.banned, host=args.host, port=args.port, options=engine_options(args), **kwargs)
 
 
 def cmd_params(args) -> None:
@@ -240,12 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="nextword", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p, speaker=True, int8=True):
+    def model_args(p, speaker=True):
+        from nextword.config import EngineParams
+
+        default = EngineParams()
         p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
         p.add_argument("--banned", metavar="FILE", help="banned-word list, one word per line")
-        if int8:
-            p.add_argument("--int8", action="store_true",
-                           help="int8 weights (dynamic quantization): several times faster steps on CPU")
+        p.add_argument("--ngram-weight", type=weight, default=default.ngram_weight, metavar="W",
+                       help=f"weight of the model folder's n-gram in the mix (default {default.ngram_weight}; 0: off)")
+        p.add_argument("--cache-weight", type=weight, default=default.cache_weight, metavar="W",
+                       help=f"weight of the conversation's word cache (default {default.cache_weight}; 0: off)")
+        p.add_argument("--show-rejected", action="store_true",
+                       help="while typing (chat, evaluate, serve), show again the words already shown for this word")
+        p.add_argument("--fp32", action="store_true", help="float32 weights (default: int8, several times faster)")
         if speaker:
             p.add_argument("--speaker", choices=("user", "agent"), default="user")
 
@@ -285,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="the web demo on 127.0.0.1", description=cmd_serve.__doc__)
-    model_args(p, speaker=False, int8=False)
+    model_args(p, speaker=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log", metavar="FILE", help="keystroke log (JSONL)")

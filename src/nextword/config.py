@@ -106,6 +106,24 @@ class EvaluateParams(_Section):
     suggestions: int = Field(3, ge=1)
 
 
+class EngineParams(_Section):
+    """How the suggestion engine (:mod:`nextword.engine`) turns the model into suggestions.
+
+    These defaults are also what ``Engine.load`` uses without params (the CLI, the
+    web page, the MLflow model), so every way of using a model suggests alike.
+    """
+
+    # The train stage fits a Kneser-Ney n-gram of this order on the train split into the model
+    # folder (0: none); the engine mixes it into the LSTM's next-word distribution with ngram_weight.
+    ngram_order: int = Field(4, ge=0)
+    ngram_weight: float = Field(0.4, ge=0, lt=1)
+    # A unigram cache of the words of the conversation so far, mixed in with this weight.
+    cache_weight: float = Field(0.05, ge=0, lt=1)
+    # While a word is typed, words already shown for it and passed over are not shown again.
+    skip_rejected: bool = True
+    int8: bool = True  # int8 weights for the model step (dynamic quantization): several times faster on CPU
+
+
 class BaselineParams(_Section):
     order: int = Field(4, ge=1)  # of the Kneser-Ney n-gram baseline
 
@@ -136,6 +154,7 @@ class Params(_Section):
     train: TrainParams
     evaluate: EvaluateParams = EvaluateParams()
     baseline: BaselineParams = BaselineParams()
+    engine: EngineParams = EngineParams()
     sample: SampleParams
 
 

@@ -9,6 +9,20 @@ for that position, looked up by prefix in a sorted array of the suggestable
 words, so a keystroke inside a word costs no model work. Specials and banned
 words are removed from the distribution before the top k are taken, so k
 suggestions still come back.
+
+The next-word distribution is the LSTM's, mixed with two cheap parts that a
+keyboard can afford and that the LSTM alone does less well (``EngineParams``
+holds the weights; the README gives the keystroke savings of each part):
+
+* the Kneser-Ney n-gram stored in the model folder (``ngram.npz``), fitted by
+  the train stage on the same train split: ``(1 - a) P_lstm + a P_ngram``;
+* a unigram cache of the words committed in this conversation so far
+  (Kuhn & De Mori 1990), mixed in with weight ``c``; people repeat the names
+  and topics of their own conversation.
+
+And while a word is typed, a word the strip already showed for it at a
+shorter prefix is not shown again (``skip_rejected``): the person saw it and
+typed on, so it is not the word, and its slot goes to the next candidate.
 """
 
 from __future__ import annotations
@@ -25,10 +39,15 @@ import numpy as np
 import torch
 
 from nextword import decoding
+from nextword.config import EngineParams
 from nextword.errors import NextwordError
 from nextword.model import load_model_dir
+from nextword.ngram import KneserNey
 from nextword.text import PUNCTUATION, is_word, tokenize
 from nextword.vocab import BOS, EOS, SPEAKER_TAG
+
+
+NGRAM_FILE = "ngram.npz"  # in a model folder, beside weights.pt
 
 
 def read_banned_words(path: str | Path | None) -> set[str]:
@@ -72,12 +91,20 @@ class Suggestion:
 class Engine:
     """A loaded model plus everything precomputed for fast lookups."""
 
-    def __init__(self, model, vocab, config: dict, banned: set[str] = frozenset()):
+    def __init__(self, model, vocab, config: dict, banned: set[str] = frozenset(), ngram: KneserNey | None = None,
+                 options: EngineParams = EngineParams()):
         self.model = model.eval()
         self.vocab = vocab
         self.config = config
+        self.options = options
+        self.ngram = ngram if ngram is not None and options.ngram_weight > 0 else None
+        if self.ngram is not None and self.ngram.vocab_size != len(vocab):
+            raise NextwordError(f"the n-gram has {self.ngram.vocab_size} ids, the vocabulary {len(vocab)}")
+        # How many committed ids a session keeps: the n-gram's context.
+        self.history = self.ngram.order - 1 if self.ngram is not None else 0
         self.speaker_tags = config.get("speaker_tags", True)
         suggestable = np.array([is_word(t) and t not in banned for t in vocab.tokens], dtype=bool)
+        self.cacheable = suggestable
         self.blocked_suggest = ~suggestable
         self.blocked_ids = np.flatnonzero(self.blocked_suggest)
         # Completing a line may also end it or punctuate it; everything else that is blocked stays blocked.
@@ -91,17 +118,38 @@ class Engine:
         self.sorted_ids = np.array([i for _, i in words], dtype=np.int64)
 
     @classmethod
-    def load(cls, model_dir: str | Path, banned_words: str | Path | None = None, int8: bool = False) -> "Engine":
-        """Load a model folder; ``int8`` quantizes the LSTM and output weights (see :func:`quantize_int8`)."""
+    def load(cls, model_dir: str | Path, banned_words: str | Path | None = None,
+             options: EngineParams | None = None) -> "Engine":
+        """Load a model folder (and its ``ngram.npz``, if there is one) with ``options`` (default: EngineParams())."""
+        options = options or EngineParams()
         torch.set_num_threads(1)  # one step of a small model: threads cost more than they give
         banned = read_banned_words(banned_words)
+        ngram_path = Path(model_dir) / NGRAM_FILE
         try:
             model, vocab, config = load_model_dir(model_dir)
-        except (pickle.UnpicklingError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, EOFError) as err:
+            ngram = KneserNey.load(ngram_path) if options.ngram_weight > 0 and ngram_path.is_file() else None
+        except (pickle.UnpicklingError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, EOFError,
+                ValueError, OSError) as err:
             # weights_only loading refuses anything but tensors; a mismatch or a bad file lands here too.
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise NextwordError(f"{model_dir}: cannot load the model folder: {first[:200]}") from None
-        return cls(quantize_int8(model) if int8 else model, vocab, config, banned)
+        return cls(quantize_int8(model) if options.int8 else model, vocab, config, banned, ngram, options)
+
+    def mix(self, log_probs: np.ndarray, history: tuple[int, ...], cache: dict[int, int] | None) -> np.ndarray:
+        """The LSTM's next-token log-probs mixed with the n-gram after ``history`` and the word ``cache``."""
+        weight = self.options.cache_weight if cache else 0.0
+        if self.ngram is None and not weight:
+            return log_probs
+        p = np.exp(log_probs.astype(np.float64))
+        if self.ngram is not None:
+            a = self.options.ngram_weight
+            p = (1 - a) * p + a * self.ngram.next_probs([history])[0]
+        if weight:
+            ids = np.fromiter(cache.keys(), dtype=np.int64, count=len(cache))
+            counts = np.fromiter(cache.values(), dtype=np.float64, count=len(cache))
+            p *= 1 - weight
+            p[ids] += weight * counts / counts.sum()
+        return np.log(p).astype(np.float32)
 
     @torch.no_grad()
     def run(self, token_ids: list[int], state):
@@ -113,8 +161,15 @@ class Engine:
         return self.model.log_probs(feats[:, -1])[0].numpy(), state
 
     def step(self, token_id: int, state):
-        """Advance the model by one token (the ``step`` function the decoders use)."""
-        return self.run([token_id], state)
+        """Advance the model by one token: the ``step`` function the decoders use.
+
+        The state is ``(LSTM state, last ids)``, so the n-gram mixes into completions too (not the cache,
+        which describes the conversation, not the line being completed).
+        """
+        model_state, history = state
+        log_probs, model_state = self.run([token_id], model_state)
+        history = (history + (token_id,))[-self.history:] if self.history else ()
+        return self.mix(log_probs, history, None), (model_state, history)
 
     def session(self) -> "Session":
         return Session(self)
@@ -143,6 +198,7 @@ class _Distribution:
     log_probs: np.ndarray
     sorted_scores: np.ndarray | None = None  # log-probs in the order of Engine.sorted_words
     log_total: float = 0.0  # log of the probability mass of the suggestable words
+    shown: dict = dataclasses.field(default_factory=dict)  # (prefix, k) -> the suggestions with skip_rejected
 
 
 class Session:
@@ -157,6 +213,8 @@ class Session:
         self._state = None
         self._dist: _Distribution | None = None
         self._pending: list[int] = []  # committed ids not yet run through the model
+        self._history: tuple[int, ...] = ()  # the last ids run through it, as many as the n-gram reads
+        self._cache: dict[int, int] = {}  # id -> count of the words committed in this conversation
         self.in_message = False
         self._draft: _Draft | None = None
         self._lock = threading.Lock()  # a shared session may be read from several threads
@@ -174,8 +232,17 @@ class Session:
     def _flush(self) -> None:
         with self._lock:
             if self._pending:
-                log_probs, self._state = self.engine.run(self._pending, self._state)
-                self._dist = _Distribution(log_probs)
+                engine = self.engine
+                log_probs, self._state = engine.run(self._pending, self._state)
+                if engine.history:
+                    self._history = (self._history + tuple(self._pending))[-engine.history:]
+                if engine.options.cache_weight:
+                    cache = dict(self._cache)  # a new dict: snapshots and forks keep the old one
+                    for i in self._pending:
+                        if engine.cacheable[i]:
+                            cache[i] = cache.get(i, 0) + 1
+                    self._cache = cache
+                self._dist = _Distribution(engine.mix(log_probs, self._history, self._cache))
                 self._pending = []
 
     @property
@@ -190,10 +257,10 @@ class Session:
         return None if self._dist is None else self._dist.log_probs
 
     def _snapshot(self) -> tuple:
-        return self._state, self._dist, list(self._pending), self.in_message
+        return self._state, self._dist, list(self._pending), self.in_message, self._history, self._cache
 
     def _restore(self, snapshot: tuple) -> None:
-        self._state, self._dist, pending, self.in_message = snapshot
+        self._state, self._dist, pending, self.in_message, self._history, self._cache = snapshot
         self._pending = list(pending)
 
     # -- committing tokens and messages ---------------------------------------------------------------
@@ -287,29 +354,52 @@ class Session:
             dist.sorted_scores = sorted_scores  # last: another thread may read it as soon as it is set
         return dist
 
-    def suggest(self, prefix: str = "", k: int = 3) -> list[Suggestion]:
+    def suggest(self, prefix: str = "", k: int = 3, typing: bool = False) -> list[Suggestion]:
         """Top-k words that start with ``prefix``, from the current distribution (no model work).
 
         Probabilities are renormalised over the suggestable words (no specials,
         punctuation or banned words). Ties go to the more frequent word.
+
+        ``typing`` asks for the suggestion strip of someone typing the word
+        letter by letter, who saw the strip at every shorter prefix. With the
+        engine's ``skip_rejected``, the words shown there were passed over and
+        are left out. They are worked out from the prefix, not remembered from
+        earlier calls, so the result depends only on the conversation and the
+        text typed (the web API stays stateless); each prefix is computed once
+        per position. Without ``typing`` (a one-off query: the CLI's
+        ``suggest``, the MLflow model) nothing is left out.
         """
-        engine = self.engine
         dist = self._distribution()
-        lo, hi = engine.prefix_range(prefix.lower())
-        k = min(k, hi - lo)
-        if k <= 0:
+        prefix = prefix.lower()
+        if not (typing and self.engine.options.skip_rejected):
+            return self._top(dist, prefix, k, frozenset())
+        rejected: set[str] = set()
+        for end in range(len(prefix) + 1):
+            key = (prefix[:end], k)
+            shown = dist.shown.get(key)
+            if shown is None:
+                shown = dist.shown[key] = self._top(dist, key[0], k, rejected)
+            rejected.update(s.word for s in shown)
+        return shown
+
+    def _top(self, dist: _Distribution, prefix: str, k: int, rejected) -> list[Suggestion]:
+        engine = self.engine
+        lo, hi = engine.prefix_range(prefix)
+        want = min(k + len(rejected), hi - lo)
+        if want <= 0:
             return []
         scores = dist.sorted_scores[lo:hi]
-        if k == hi - lo:
-            top = np.arange(k)
+        if want == hi - lo:
+            top = np.arange(want)
         elif hi - lo > 2048:  # a short prefix: torch's top-k is several times faster than argpartition here
-            top = torch.topk(torch.from_numpy(scores), k, sorted=False).indices.numpy()
+            top = torch.topk(torch.from_numpy(scores), want, sorted=False).indices.numpy()
         else:
-            top = np.argpartition(-scores, k - 1)[:k]
+            top = np.argpartition(-scores, want - 1)[:want]
         ids = engine.sorted_ids[lo:hi]
         top = top[np.lexsort((ids[top], -scores[top]))]
         words, log_total = engine.sorted_words, dist.log_total
-        return [Suggestion(words[lo + i], float(np.exp(float(scores[i]) - log_total))) for i in top]
+        return [Suggestion(words[lo + i], float(np.exp(float(scores[i]) - log_total)))
+                for i in top if words[lo + i] not in rejected][:k]
 
     def complete(self, strategy: str = "greedy", max_words: int = 20, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, beam_size: int = 4, seed: int = 0,
@@ -321,7 +411,7 @@ class Session:
         """
         engine = self.engine
         rng = np.random.default_rng(seed)
-        state, log_probs, first = self.state, self._distribution().log_probs, []
+        state, log_probs, first = (self.state, self._history), self._distribution().log_probs, []
         if prefix:
             lo, hi = engine.prefix_range(prefix.lower())
             if hi <= lo:

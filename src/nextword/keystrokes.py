@@ -15,6 +15,9 @@ are comparable with other engines:
   is among them the word costs ``i + 1`` keystrokes (``i`` characters and one
   to accept, which also inserts the space); if it never appears, or is out of
   the vocabulary, it costs ``len(w) + 1``, as it does without prediction.
+  The engine is asked as the strip of someone typing (``typing=True``), so
+  with ``skip_rejected`` the words it showed at a shorter prefix and that
+  were passed over make room for others.
 * KSR = 1 - sum(cost) / sum(len(w) + 1).
 
 Top-1/top-3 accuracy is over word tokens, from the suggestions at ``i = 0``.
@@ -119,7 +122,7 @@ def simulate(
 
                     def suggestions_after(prefix: str) -> list[str]:
                         start, cpu_start = clock(), cpu_clock()
-                        shown = [s.word for s in session.suggest(prefix, k)]
+                        shown = [s.word for s in session.suggest(prefix, k, typing=True)]
                         latencies.append(clock() - start)
                         cpu_times.append(cpu_clock() - cpu_start)
                         if not prefix:

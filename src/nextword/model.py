@@ -207,8 +207,12 @@ def count_flops_per_token(config: ModelConfig) -> int:
     return 6 * macs
 
 
-def save_model_dir(path, model: LanguageModel, vocab, extra: dict) -> None:
-    """A model folder: ``weights.pt`` (a state dict), ``vocab.json`` and ``config.json``; nothing pickled."""
+def save_model_dir(path, model: LanguageModel, vocab, extra: dict, ngram=None) -> None:
+    """A model folder: ``weights.pt`` (a state dict), ``vocab.json`` and ``config.json``; nothing pickled.
+
+    ``ngram``, a :class:`nextword.ngram.KneserNey` that the suggestion engine mixes in,
+    goes beside them as ``ngram.npz`` (plain arrays).
+    """
     from nextword.files import atomic_path, write_json
 
     with atomic_path(path) as tmp:
@@ -216,6 +220,8 @@ def save_model_dir(path, model: LanguageModel, vocab, extra: dict) -> None:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
         vocab.save(tmp / "vocab.json")
         write_json(tmp / "config.json", {"model": model.config.to_dict(), **extra})
+        if ngram is not None:
+            ngram.save(tmp / "ngram.npz")
 
 
 def load_model_dir(path, device="cpu"):

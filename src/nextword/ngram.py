@@ -163,6 +163,38 @@ class KneserNey:
         unigram = alpha1 + gamma1[0] / v
         return cls(v, unigram, orders, d1)
 
+    def save(self, path) -> None:
+        """Write the model as one ``.npz`` of plain arrays (nothing pickled); :meth:`load` reads it back.
+
+        Each order keeps its CSR rows, follower ids and discounted probabilities, the
+        probabilities in float32 (a relative change of about 1e-7); the sorted keys are
+        rebuilt on load from the rows, so they are not stored.
+        """
+        arrays = {"vocab_size": np.array(self.vocab_size), "unigram": self.unigram,
+                  "unigram_discounts": np.array(self.unigram_discounts)}
+        for k, o in enumerate(self.orders, start=2):
+            offsets = o.offsets.astype(np.int32) if o.offsets[-1] < 2**31 else o.offsets
+            arrays.update({f"offsets{k}": offsets, f"words{k}": o.words.astype(np.int32),
+                           f"alpha{k}": o.alpha.astype(np.float32), f"gamma{k}": o.gamma.astype(np.float32),
+                           f"discounts{k}": np.array(o.discounts)})
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "KneserNey":
+        with np.load(path, allow_pickle=False) as z:
+            v = int(z["vocab_size"])
+            orders = []
+            k = 2
+            while f"offsets{k}" in z:
+                offsets, words = z[f"offsets{k}"].astype(np.int64), z[f"words{k}"].astype(np.int64)
+                context = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+                orders.append(_Order(context * v + words, offsets, words, z[f"alpha{k}"].astype(np.float64),
+                                     z[f"gamma{k}"].astype(np.float64),
+                                     tuple(float(d) for d in z[f"discounts{k}"])))
+                k += 1
+            return cls(v, z["unigram"], orders, tuple(float(d) for d in z["unigram_discounts"]))
+
     def _gram_indices(self, seqs: np.ndarray) -> list[np.ndarray]:
         """For ``[B, T]`` ids (-1: none), the index of the k-gram ending at each column, -1 if unseen.
 

@@ -43,6 +43,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
+from nextword.config import EngineParams
 from nextword.engine import Engine, Session
 from nextword.text import detokenize, tokenize
 from nextword.vocab import BOS, EOS, SPEAKER_TAG
@@ -79,6 +80,8 @@ class Typing(Strict):
 
 class SuggestRequest(Typing):
     k: int = Field(3, ge=1, le=10)
+    # True from the page: the strip of someone typing letter by letter (see Session.suggest).
+    typing: bool = False
 
 
 class CompleteRequest(Typing):
@@ -285,8 +288,8 @@ async def validation_error(request, exc: RequestValidationError) -> JSONResponse
 
 
 def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
-               log_path: str | Path = "reports/keystrokes.jsonl") -> FastAPI:
-    engine = Engine.load(model_dir, banned_words)
+               log_path: str | Path = "reports/keystrokes.jsonl", options: EngineParams | None = None) -> FastAPI:
+    engine = Engine.load(model_dir, banned_words, options)
     cache = SessionCache(engine)
     log = EventLog(log_path)
     app = FastAPI(title="nextword", description=__doc__.split("\n")[0], docs_url=None, redoc_url=None)
@@ -318,7 +321,7 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     def suggest(request: SuggestRequest) -> dict:
         started = time.perf_counter()
         session, partial, start, steps = typed_session(request)
-        suggestions = session.suggest(partial, request.k)
+        suggestions = session.suggest(partial, request.k, typing=request.typing)
         return {
             "suggestions": [{"word": s.word, "probability": s.probability} for s in suggestions],
             "partial": partial,
@@ -384,10 +387,11 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> I
 
 
 def serve(model_dir: str | Path, banned_words: str | Path | None = None, host: str = "127.0.0.1",
-          port: int = 8000, log_path: str | Path = "reports/keystrokes.jsonl") -> None:
+          port: int = 8000, log_path: str | Path = "reports/keystrokes.jsonl",
+          options: EngineParams | None = None) -> None:
     """Run the page and API with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(model_dir, banned_words, log_path)
+    app = create_app(model_dir, banned_words, log_path, options)
     print(f"nextword: http://{host}:{port}/  (model {model_dir}, log {log_path}; Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -37,7 +37,8 @@ def main(args, params):
     e = params.evaluate
     messages = pd.read_parquet(args.messages)
     test = messages[messages["split"] == "test"]
-    report = simulate(Engine.load(args.model), test, k=e.suggestions, max_conversations=e.ksr_conversations or None)
+    engine = Engine.load(args.model, options=params.engine)
+    report = simulate(engine, test, k=e.suggestions, max_conversations=e.ksr_conversations or None)
     metrics["keystrokes"] = {
         "conversations": report.conversations,
         "words": report.words,

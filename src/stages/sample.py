@@ -11,7 +11,7 @@ STRATEGIES = ("greedy", "temperature", "top_k", "top_p", "beam")
 def main(args, params):
     tracking.connect()
     s = params.sample
-    engine = Engine.load(args.model, args.banned)
+    engine = Engine.load(args.model, args.banned, params.engine)
     lines = ["# Samples", ""]
     for number, prompt in enumerate(s.prompts, 1):
         session = engine.session()

@@ -17,6 +17,7 @@ from nextword.config import flatten
 from nextword.errors import NextwordError
 from nextword.files import write_text
 from nextword.model import LanguageModel, ModelConfig, save_model_dir
+from nextword.ngram import KneserNey, stream_from_windows
 from nextword.pyfunc import log_model
 from nextword.training import finish_distributed, init_distributed, seed_everything, train
 from nextword.vocab import Vocab
@@ -73,11 +74,15 @@ def main(args, params):
                        params.seed, checkpoint=args.checkpoint, on_epoch=log_epoch)
         finish_distributed()
         model.cpu()
+        # The suggestion engine's n-gram, counted on the same train split (seconds).
+        order = params.engine.ngram_order
+        ngram = KneserNey.fit(stream_from_windows(windows["train"]), len(vocab), order) if order else None
         save_model_dir(args.model, model, vocab, {
             "speaker_tags": params.window.speaker_tags,
             "window_length": params.window.length,
             "best_epoch": result.best_epoch,
-        })
+            "ngram_order": order,
+        }, ngram)
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(result.history[0]))
         writer.writeheader()

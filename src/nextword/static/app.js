@@ -64,7 +64,7 @@ async function refresh(measured = true) {
   const id = ++latest;
   const started = performance.now();
   try {
-    const data = await api("/api/suggest", { ...typing(), k: K });
+    const data = await api("/api/suggest", { ...typing(), k: K, typing: true });
     if (id !== latest) return;
     render(data.suggestions);
     const latency = performance.now() - started;
