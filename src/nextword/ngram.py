@@ -217,10 +217,10 @@ class KneserNey:
             out.append(cur)
         return out
 
-    def _dense(self, b: int, contexts: list[np.ndarray], dtype=np.float64) -> np.ndarray:
-        """``[b, V]`` distributions for context indices per order 2 .. N (-1: context unseen)."""
+    def _dense(self, b: int, contexts: list[np.ndarray], dtype=np.float64, scale: float = 1.0) -> np.ndarray:
+        """``[b, V]`` distributions (times ``scale``) for context indices per order 2 .. N (-1: context unseen)."""
         # Weight of each order's term: the product of the gammas of all orders above it.
-        weights = [np.ones(b)]
+        weights = [np.full(b, scale)]
         for o, ctx in zip(reversed(self.orders), reversed(contexts)):
             gamma = np.where(ctx >= 0, o.gamma[np.maximum(ctx, 0)], 1.0)
             weights.append(weights[-1] * gamma)
@@ -236,11 +236,12 @@ class KneserNey:
                 continue
             row_of = np.repeat(rows, length)
             gram = np.repeat(start - np.cumsum(length) + length, length) + np.arange(total)
-            np.add.at(flat, row_of * self.vocab_size + o.words[gram], (w[row_of] * o.alpha[gram]).astype(dtype))
+            # One context per row, so a row's followers are distinct: a plain indexed add is exact.
+            flat[row_of * self.vocab_size + o.words[gram]] += (w[row_of] * o.alpha[gram]).astype(dtype)
         return probs
 
-    def next_probs(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
-        """``[B, V]`` next-id distributions after each history (only the last N - 1 ids matter)."""
+    def next_probs(self, histories: Sequence[Sequence[int]], dtype=np.float64, scale: float = 1.0) -> np.ndarray:
+        """``[B, V]`` next-id distributions after each history (only the last N - 1 ids matter), times ``scale``."""
         width = self.order - 1
         seqs = np.full((len(histories), max(width, 1)), -1, dtype=np.int64)
         for i, h in enumerate(histories):
@@ -249,7 +250,7 @@ class KneserNey:
                 seqs[i, width - len(tail):] = tail
         grams = self._gram_indices(seqs)
         contexts = [g[:, -1] for g in grams[: len(self.orders)]]
-        return self._dense(len(histories), contexts)
+        return self._dense(len(histories), contexts, dtype, scale)
 
     def stream_log_probs(self, stream: np.ndarray, batch_size: int = 1024,
                          dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
