@@ -82,6 +82,7 @@ def test_repro_then_experiment_then_temperature(project):
     curves = (repo / "reports/epochs.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,") and len(curves) == 31  # header + 30 epochs of the toy preset
     assert "## 1." in (repo / "reports/samples.md").read_text()
+    assert (repo / "models/model/ngram.npz").is_file()  # the engine's n-gram, fitted by the train stage
     assert dvc("status").stdout.strip().endswith("up to date.")
     project.run("git", "add", "-A")
     project.run("git", "commit", "-qm", "toy baseline results")
@@ -106,6 +107,10 @@ def test_repro_then_experiment_then_temperature(project):
     params["sample"]["temperature"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(dvc("repro").stdout) == ["sample"]
+    # an engine setting reruns what suggests (evaluate, sample), not the training
+    params["engine"]["cache_weight"] = 0.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert sorted(stages_run(dvc("repro").stdout)) == ["evaluate", "sample"]
 
     # the MLflow store under the repository root holds every run, with the experiment's name
     from mlflow.tracking import MlflowClient
@@ -125,7 +130,7 @@ def test_repro_then_experiment_then_temperature(project):
         assert [m.step for m in history] == list(range(1, 31))
         assert {"lstm_test_perplexity", "lstm_test_top3", "baseline_test_perplexity"} <= set(run.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-        assert {"model/weights.pt", "model/vocab.json", "model/config.json"} <= artifacts
+        assert {"model/weights.pt", "model/vocab.json", "model/config.json", "model/ngram.npz"} <= artifacts
         assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/epochs.csv"]
         assert "reports/samples.md" in {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert by_name["two-layers"].data.params["model.layers"] == "2"
