@@ -113,10 +113,9 @@ def cmd_evaluate(args) -> None:
 
     from nextword.keystrokes import conversations_from_table, simulate
     from nextword.metrics import evaluate
+    from nextword.model import load_model_dir
     from nextword.text import tokenize
     from nextword.windows import cut_windows, split_stream
-
-    from nextword.model import load_model_dir
 
     conversations = conversations_from_table(messages)[: args.max_conversations]
     threads = args.threads or torch.get_num_threads()
@@ -134,7 +133,7 @@ def cmd_evaluate(args) -> None:
     result = {
         "csv": str(args.csv),
         "model": str(args.model),
-        "engine": engine_options(args).model_dump(exclude={"ngram_order"}),
+        "engine": engine.options.model_dump(exclude={"ngram_order"}),
         "conversations": keys.conversations,
         "messages": keys.messages,
         "perplexity": scores["perplexity"],

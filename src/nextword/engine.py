@@ -104,7 +104,6 @@ class Engine:
         self.history = self.ngram.order - 1 if self.ngram is not None else 0
         self.speaker_tags = config.get("speaker_tags", True)
         suggestable = np.array([is_word(t) and t not in banned for t in vocab.tokens], dtype=bool)
-        self.cacheable = suggestable
         self.blocked_suggest = ~suggestable
         self.blocked_ids = np.flatnonzero(self.blocked_suggest)
         # Completing a line may also end it or punctuate it; everything else that is blocked stays blocked.
@@ -169,8 +168,12 @@ class Engine:
         """
         model_state, history = state
         log_probs, model_state = self.run([token_id], model_state)
-        history = (history + (token_id,))[-self.history:] if self.history else ()
+        history = self.extend_history(history, [token_id])
         return self.mix(log_probs, history, None), (model_state, history)
+
+    def extend_history(self, history: tuple[int, ...], ids) -> tuple[int, ...]:
+        """``history`` followed by ``ids``, cut to the last ids the n-gram reads (none without one)."""
+        return (history + tuple(ids))[-self.history:] if self.history else ()
 
     def session(self) -> "Session":
         return Session(self)
@@ -235,12 +238,11 @@ class Session:
             if self._pending:
                 engine = self.engine
                 log_probs, self._state = engine.run(self._pending, self._state)
-                if engine.history:
-                    self._history = (self._history + tuple(self._pending))[-engine.history:]
+                self._history = engine.extend_history(self._history, self._pending)
                 if engine.options.cache_weight:
                     cache = dict(self._cache)  # a new dict: snapshots and forks keep the old one
                     for i in self._pending:
-                        if engine.cacheable[i]:
+                        if not engine.blocked_suggest[i]:  # words only: no specials, punctuation or banned words
                             cache[i] = cache.get(i, 0) + 1
                     self._cache = cache
                 self._dist = _Distribution(engine.mix(log_probs, self._history, self._cache))
