@@ -13,7 +13,7 @@ from nextword.vocab import Vocab
 from nextword.windows import cut_windows, lanes, split_stream
 
 # The engine as the LSTM alone: no n-gram, no cache, rejected words shown again, float32.
-PLAIN = EngineParams(ngram_weight=0, cache_weight=0, skip_rejected=False, int8=False)
+PLAIN = EngineParams(ngram_weight=0, cache_weight=0, cache_bigram_weight=0, skip_rejected=False, int8=False)
 
 TINY_CONVERSATION = [
     ("user", "good morning , how are you today ?"),

@@ -267,6 +267,38 @@ def test_the_cache_mixes_in_the_words_of_this_conversation(fixed_engine):
     np.testing.assert_allclose(np.exp(fresh.log_probs), p, rtol=1e-5, atol=1e-7)
 
 
+def test_the_bigram_cache_mixes_in_what_followed_the_last_token_in_this_conversation(fixed_engine):
+    c, b = 0.2, 0.3
+    engine = fixed_engine(WORDS, options=PLAIN.model_copy(update={"cache_weight": c, "cache_bigram_weight": b}))
+    p = np.exp(engine.model.log_probs(torch.zeros(1, 4))[0].detach().numpy())  # the fixed LSTM distribution
+    ids = engine.vocab.id
+
+    def expected(words: dict, followers: dict):
+        e = (1 - c) * p
+        for word, count in words.items():
+            e[ids(word)] += c * count / sum(words.values())
+        if followers:
+            e *= 1 - b
+            for word, count in followers.items():
+                e[ids(word)] += b * count / sum(followers.values())
+        return e
+
+    session = engine.session()
+    session.add_message("user", "the dog , the cat , the dog")
+    session.type_text("agent", "the ")  # "the" was followed by dog twice and cat once
+    seen = {"the": 4, "dog": 2, "cat": 1}
+    np.testing.assert_allclose(np.exp(session.log_probs), expected(seen, {"dog": 2, "cat": 1}), rtol=1e-5, atol=1e-7)
+    assert [s.word for s in session.suggest("", 3)] == ["dog", "cat", "the"]  # what followed "the" comes first
+    session.type_text("agent", "the dog ")  # nothing followed "dog" yet but punctuation, which is not cached
+    np.testing.assert_allclose(np.exp(session.log_probs), expected({**seen, "dog": 3}, {}), rtol=1e-5, atol=1e-7)
+    session.type_text("agent", "the ")  # erased back: the draft restarts from the conversation before it
+    np.testing.assert_allclose(np.exp(session.log_probs), expected(seen, {"dog": 2, "cat": 1}), rtol=1e-5, atol=1e-7)
+    unigram_only = fixed_engine(WORDS, options=PLAIN.model_copy(update={"cache_weight": c})).session()
+    unigram_only.add_message("user", "the dog , the cat , the dog")
+    unigram_only.type_text("agent", "the ")
+    np.testing.assert_allclose(np.exp(unigram_only.log_probs), expected(seen, {}), rtol=1e-5, atol=1e-7)
+
+
 def test_the_ngram_mixes_in_after_the_last_ids_in_suggestions_and_completions(fixed_engine, tmp_path):
     from nextword.ngram import KneserNey
     from nextword.windows import message_tokens

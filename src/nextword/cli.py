@@ -53,6 +53,7 @@ def engine_options(args):
     from nextword.config import EngineParams
 
     return EngineParams(ngram_weight=args.ngram_weight, cache_weight=args.cache_weight,
+                        cache_bigram_weight=args.cache_bigram_weight,
                         skip_rejected=not args.show_rejected, int8=not args.fp32)
 
 
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"weight of the model folder's n-gram in the mix (default {default.ngram_weight}; 0: off)")
         p.add_argument("--cache-weight", type=weight, default=default.cache_weight, metavar="W",
                        help=f"weight of the conversation's word cache (default {default.cache_weight}; 0: off)")
+        p.add_argument("--cache-bigram-weight", type=weight, default=default.cache_bigram_weight, metavar="W",
+                       help="weight of the words that followed the last word earlier in the conversation "
+                            f"(default {default.cache_bigram_weight}; 0: off)")
         p.add_argument("--show-rejected", action="store_true",
                        help="while typing (chat, evaluate, serve), show again the words already shown for this word")
         p.add_argument("--fp32", action="store_true", help="float32 weights (default: int8, several times faster)")

@@ -117,8 +117,10 @@ class EngineParams(_Section):
     # folder (0: none); the engine mixes it into the LSTM's next-word distribution with ngram_weight.
     ngram_order: int = Field(4, ge=0)
     ngram_weight: float = Field(0.4, ge=0, lt=1)
-    # A unigram cache of the words of the conversation so far, mixed in with this weight.
+    # A cache of the conversation so far: its words as a unigram mixed in with cache_weight, then the
+    # words that followed the last token earlier in it, as a bigram, with cache_bigram_weight.
     cache_weight: float = Field(0.05, ge=0, lt=1)
+    cache_bigram_weight: float = Field(0.05, ge=0, lt=1)
     # While a word is typed, words already shown for it and passed over are not shown again.
     skip_rejected: bool = True
     int8: bool = True  # int8 weights for the model step (dynamic quantization): several times faster on CPU

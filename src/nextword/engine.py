@@ -16,9 +16,11 @@ holds the weights; the README gives the keystroke savings of each part):
 
 * the Kneser-Ney n-gram stored in the model folder (``ngram.npz``), fitted by
   the train stage on the same train split: ``(1 - a) P_lstm + a P_ngram``;
-* a unigram cache of the words committed in this conversation so far
-  (Kuhn & De Mori 1990), mixed in with weight ``c``; people repeat the names
-  and topics of their own conversation.
+* a cache of this conversation so far (Kuhn & De Mori 1990): the words
+  committed, as a unigram mixed in with weight ``c``, then the words that
+  followed the last token earlier in the conversation, as a bigram mixed in
+  with weight ``b`` where that token was seen; people repeat the names,
+  topics and phrases of their own conversation.
 
 And while a word is typed, a word the strip already showed for it at a
 shorter prefix is not shown again (``skip_rejected``): the person saw it and
@@ -134,21 +136,29 @@ class Engine:
             raise NextwordError(f"{model_dir}: cannot load the model folder: {first[:200]}") from None
         return cls(quantize_int8(model) if options.int8 else model, vocab, config, banned, ngram, options)
 
-    def mix(self, log_probs: np.ndarray, history: tuple[int, ...], cache: dict[int, int] | None) -> np.ndarray:
-        """The LSTM's next-token log-probs mixed with the n-gram after ``history`` and the word ``cache``."""
-        weight = self.options.cache_weight if cache else 0.0
-        if self.ngram is None and not weight:
+    @property
+    def caching(self) -> bool:
+        return bool(self.options.cache_weight or self.options.cache_bigram_weight)
+
+    def mix(self, log_probs: np.ndarray, history: tuple[int, ...], cache: "_Cache | None") -> np.ndarray:
+        """The LSTM's next-token log-probs mixed with the n-gram after ``history`` and the conversation ``cache``."""
+        parts = []  # (weight, {id: count}) in the order they are mixed in
+        if cache is not None:
+            parts.append((self.options.cache_weight, cache.words))
+            parts.append((self.options.cache_bigram_weight, cache.followers.get(cache.last)))
+        parts = [(w, counts) for w, counts in parts if w and counts]
+        if self.ngram is None and not parts:
             return log_probs
         p = np.exp(log_probs)
         if self.ngram is not None:
             a = self.options.ngram_weight
             p *= 1 - a
             p += self.ngram.next_probs([history], dtype=np.float32, scale=a)[0]
-        if weight:
-            ids = np.fromiter(cache.keys(), dtype=np.int64, count=len(cache))
-            counts = np.fromiter(cache.values(), dtype=np.float32, count=len(cache))
-            p *= 1 - weight
-            p[ids] += weight * counts / counts.sum()
+        for w, counts in parts:
+            ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+            n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+            p *= 1 - w
+            p[ids] += w * n / n.sum()
         return np.log(p, out=p)
 
     @torch.no_grad()
@@ -185,6 +195,32 @@ class Engine:
         return lo, hi
 
 
+@dataclass(frozen=True)
+class _Cache:
+    """What a conversation has committed so far, for the engine's cache: never changed, only extended.
+
+    ``words`` counts the words (no specials, punctuation or banned words);
+    ``followers[t]`` counts the words that came right after token ``t``;
+    ``last`` is the last token committed, whose followers the next word may repeat.
+    """
+
+    words: dict = dataclasses.field(default_factory=dict)
+    followers: dict = dataclasses.field(default_factory=dict)
+    last: int | None = None
+
+    def extended(self, ids, blocked: np.ndarray) -> "_Cache":
+        """The cache after ``ids`` are committed. New dicts where something changed: snapshots keep the old one."""
+        words, followers, last = dict(self.words), dict(self.followers), self.last
+        for i in ids:
+            if not blocked[i]:
+                words[i] = words.get(i, 0) + 1
+                if last is not None:
+                    after = followers[last] = dict(followers.get(last, {}))
+                    after[i] = after.get(i, 0) + 1
+            last = i
+        return _Cache(words, followers, last)
+
+
 @dataclass
 class _Draft:
     """The message being typed: its speaker, the words committed so far, and the session before it started."""
@@ -218,7 +254,7 @@ class Session:
         self._dist: _Distribution | None = None
         self._pending: list[int] = []  # committed ids not yet run through the model
         self._history: tuple[int, ...] = ()  # the last ids run through it, as many as the n-gram reads
-        self._cache: dict[int, int] = {}  # id -> count of the words committed in this conversation
+        self._cache = _Cache()  # what this conversation committed, for the engine's cache
         self.in_message = False
         self._draft: _Draft | None = None
         self._lock = threading.Lock()  # a shared session may be read from several threads
@@ -239,12 +275,8 @@ class Session:
                 engine = self.engine
                 log_probs, self._state = engine.run(self._pending, self._state)
                 self._history = engine.extend_history(self._history, self._pending)
-                if engine.options.cache_weight:
-                    cache = dict(self._cache)  # a new dict: snapshots and forks keep the old one
-                    for i in self._pending:
-                        if not engine.blocked_suggest[i]:  # words only: no specials, punctuation or banned words
-                            cache[i] = cache.get(i, 0) + 1
-                    self._cache = cache
+                if engine.caching:
+                    self._cache = self._cache.extended(self._pending, engine.blocked_suggest)
                 self._dist = _Distribution(engine.mix(log_probs, self._history, self._cache))
                 self._pending = []
 
