@@ -55,6 +55,7 @@ def test_usage_and_model_errors_are_one_line(tiny_model_dir, tmp_path):
     assert_one_line_error(nextword("suggest", "--model", tiny_model_dir, "--speaker", "bob", "hi"), "--speaker")
     assert_one_line_error(nextword("suggest", "-k", "0", "hi"), "-k")
     assert_one_line_error(nextword("complete", "--top-p", "1.5", "hi"), "--top-p")
+    assert_one_line_error(nextword("suggest", "--cache-bigram-weight", "1", "hi"), "--cache-bigram-weight")
     # The default model folder is the pipeline's output, models/model, missing here.
     assert_one_line_error(nextword("suggest", "hi", cwd=tmp_path), "models/model: not a model folder")
 
@@ -81,6 +82,14 @@ def test_evaluate(tiny_model_dir, chat_csv, tmp_path):
     assert 0.5 < figures["ksr"] < 1 and figures["top3"] > 0.9
     assert figures["perplexity"] >= 1 and figures["perplexity"] < 3
     assert 0 < figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+    assert figures["engine"] == {"ngram_weight": 0.4, "cache_weight": 0.05, "cache_bigram_weight": 0.05,
+                                 "skip_rejected": True, "int8": True}  # the defaults, as the pipeline's
+    plain = json.loads(nextword("evaluate", "--model", tiny_model_dir, "--csv", chat_csv, "--json",
+                                "--max-conversations", "1", "--ngram-weight", "0", "--cache-weight", "0",
+                                "--cache-bigram-weight", "0", "--show-rejected", "--fp32").stdout)
+    assert plain["engine"] == {"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0,
+                               "skip_rejected": False, "int8": False}
+    assert plain["words"] == figures["words"] and plain["perplexity"] == figures["perplexity"]
     text = nextword("evaluate", "--model", tiny_model_dir, "--csv", chat_csv)
     assert "2 conversations" in text.stdout and "KSR" in text.stdout
 
