@@ -138,6 +138,7 @@ class Engine:
 
     @property
     def caching(self) -> bool:
+        """Whether sessions keep a cache of their conversation (either cache weight is set)."""
         return bool(self.options.cache_weight or self.options.cache_bigram_weight)
 
     def mix(self, log_probs: np.ndarray, history: tuple[int, ...], cache: "_Cache | None") -> np.ndarray:
@@ -209,7 +210,7 @@ class _Cache:
     last: int | None = None
 
     def extended(self, ids, blocked: np.ndarray) -> "_Cache":
-        """The cache after ``ids`` are committed. New dicts where something changed: snapshots keep the old one."""
+        """The cache after ``ids`` are committed, in new dicts: snapshots and forks keep the old one."""
         words, followers, last = dict(self.words), dict(self.followers), self.last
         for i in ids:
             if not blocked[i]:
