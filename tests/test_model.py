@@ -87,6 +87,19 @@ def test_adaptive_softmax_gives_a_distribution_and_its_loss():
     torch.testing.assert_close(loss, -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[keep].mean())
 
 
+def test_every_output_layer_starts_within_a_tenth():
+    # PyTorch's Linear default would reach 1/sqrt(8) = 0.35 here; the adaptive softmax learned slowly from it
+    for options in ({}, {"adaptive_softmax": True, "cutoffs": (10, 20), "div_value": 1.0}):
+        model = LanguageModel(config(hidden=8, **options))
+        outputs = [model.decoder] if model.decoder is not None else list(model.head.modules())
+        weights = [m.weight for m in outputs if isinstance(m, nn.Linear)]
+        assert len(weights) == (1 if not options else 5)  # the head, and two linears per tail cluster
+        for w in weights:
+            assert w.abs().max() <= 0.1
+            assert w.abs().max() > 0.09  # uniform over the whole range, not a narrower init
+        assert model.embed.weight.abs().max() <= 0.1
+
+
 def test_flops_per_token_count_the_matrix_multiplies():
     # LSTM: 4 gates x hidden x (input + hidden) per layer; output: hidden x vocab; x2 FLOPs, x3 for backward
     c = config()

@@ -125,6 +125,14 @@ class LanguageModel(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
+        """Embedding and output weights uniform in [-0.1, 0.1], as in PyTorch's word_language_model.
+
+        The adaptive softmax's weights (head and tail clusters) get the same
+        range. Its own default, PyTorch's ``Linear`` init (within 1/sqrt(fan-in),
+        0.044 for the chat model's head), learned much more slowly under Adam:
+        after 600 steps of the chat preset, validation perplexity 94.6, against
+        69.7 with this init and 79.0 for the full softmax (README, "Measured here").
+        """
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         with torch.no_grad():
             self.embed.weight[PAD_ID].zero_()
@@ -132,6 +140,10 @@ class LanguageModel(nn.Module):
             nn.init.zeros_(self.decoder.bias)
             if not self.config.tie_weights:
                 nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        if self.head is not None:
+            for linear in self.head.modules():
+                if isinstance(linear, nn.Linear):
+                    nn.init.uniform_(linear.weight, -0.1, 0.1)
 
     def features(self, ids: torch.Tensor, state=None):
         """Run the recurrent body: ``[batch, time]`` ids -> ``[batch, time, out_dim]`` features, new state."""
