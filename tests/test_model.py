@@ -100,6 +100,22 @@ def test_every_output_layer_starts_within_a_tenth():
         assert model.embed.weight.abs().max() <= 0.1
 
 
+def test_the_adaptive_softmax_runs_in_float32_under_autocast():
+    torch.manual_seed(0)
+    model = LanguageModel(config(hidden=16, adaptive_softmax=True, cutoffs=(10, 20)))
+    ids = torch.randint(1, 40, (3, 6))
+    plain, _ = model.loss(model.features(ids)[0], ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats, _ = model.features(ids)
+        assert feats.dtype == torch.bfloat16  # the body runs in bf16
+        loss, _ = model.loss(feats, ids)
+        lp = model.log_probs(feats)
+    assert loss.dtype == lp.dtype == torch.float32
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3, 6))
+    torch.testing.assert_close(loss, plain, atol=0.05, rtol=0)  # only the body's bf16 rounding differs
+    loss.backward()
+
+
 def test_flops_per_token_count_the_matrix_multiplies():
     # LSTM: 4 gates x hidden x (input + hidden) per layer; output: hidden x vocab; x2 FLOPs, x3 for backward
     c = config()

@@ -164,7 +164,8 @@ class LanguageModel(nn.Module):
         """Log-probabilities over the vocabulary for features of any leading shape."""
         flat = features.reshape(-1, features.shape[-1])
         if self.head is not None:
-            lp = self.head.log_prob(flat)
+            with torch.autocast(flat.device.type, enabled=False):
+                lp = self.head.log_prob(flat.float())
         else:
             lp = F.log_softmax(self.decoder(flat).float(), dim=-1)
         return lp.reshape(*features.shape[:-1], -1)
@@ -176,7 +177,11 @@ class LanguageModel(nn.Module):
         keep = targets != PAD_ID
         count = int(keep.sum())
         if self.head is not None:
-            return self.head(flat[keep], targets[keep]).loss, count
+            # Outside autocast, in float32 like the full softmax's loss: under CUDA autocast PyTorch's
+            # adaptive softmax fails (index_copy_ of float32 log-probs into a half-precision buffer),
+            # and under CPU autocast it would compute the loss in bf16.
+            with torch.autocast(flat.device.type, enabled=False):
+                return self.head(flat[keep].float(), targets[keep]).loss, count
         logits = self.decoder(flat).float()
         return F.cross_entropy(logits, targets.long(), ignore_index=PAD_ID), count
 
