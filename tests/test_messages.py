@@ -66,11 +66,27 @@ BAD_INPUTS = {
     "empty": ("", "file is empty"),
     "header_only": ("speaker,text\n", "no data rows"),
     "ragged": ("speaker,text\nuser,hi\nuser,hi,extra\n", "line 3: expected 2 fields, saw 3"),
+    # pandas would take the extra leading fields as an index
+    "more_fields_than_header": ("speaker,text\nuser,hi,extra\nagent,ok,more\n", "line 2: expected 2 fields, saw 3"),
     "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary data"),
     "latin1": (b"speaker,text\nuser,caf\xe9\n", "not UTF-8"),
     "semicolons": ("speaker;text\nuser;hi\n", "semicolon-separated"),
-    "bad_speaker": ("speaker,text\nuser,hi\nbot,hello\n", "row 2, column 'speaker'"),
+    "bad_speaker": ("speaker,text\nuser,hi\nbot,hello\n", "line 3, column 'speaker'"),
     "no_tokens": ("speaker,text\nuser,:-)\nagent,---\n", "no message has any word"),
+    # Past the first 64 KiB, and lines counted as an editor counts them
+    "nul_late": (b"speaker,text\n" + b"user,hi\n" * 10000 + b"user,a\x00b\n", "line 10002: binary data"),
+    "latin1_late": (b"speaker,text\n" + b"user,hi\n" * 10000 + b"user,caf\xe9\n", "line 10002: not UTF-8"),
+    "ragged_after_quoted_newline": ('speaker,text\nuser,"two\nlines"\n\nuser,hi,extra\n',
+                                    "line 5: expected 2 fields"),
+    "lone_cr_line_ends": ("speaker,text\ruser,hi\rbot,x\r", "line 3, column 'speaker'"),
+    "leading_blank_lines": ("\n\nspeaker,text\nuser,hi,extra\n", "line 4: expected 2 fields"),
+    "quote_never_closed": ('speaker,text\nuser,hi\nuser,"open\nagent,bye\n', "line 3: a quoted field is never closed"),
+    "duplicate_column": ("speaker,text,Text \nuser,a,b\n", "line 1: columns 2 and 3 are both named 'text'"),
+    "turn_not_whole": ("speaker,text,turn\nuser,hi,0\nuser,hi,inf\n", "line 3, column 'turn': 'inf'"),
+    "turn_too_big": ("speaker,text,turn\nuser,hi,99999999999999999999\n", "line 2, column 'turn'"),
+    "blank_conversation_id": ("conversation_id,speaker,text\nc1,user,hi\n ,agent,yo\n",
+                              "line 3, column 'conversation_id'"),
+    "bad_split": ("speaker,text,split\nuser,hi,dev\n", "line 2, column 'split': 'dev'"),
 }
 
 
@@ -83,6 +99,28 @@ def test_bad_csv_is_refused_by_the_library(tmp_path, case):
     assert str(path) in str(err.value)
 
 
+def test_decisions_where_the_file_is_silent(tmp_path):
+    # blank lines before the header, a column with no name, a row of empty fields, a row without its text
+    path = write(tmp_path / "c.csv", "\n \n Speaker ,text,,notes\nuser,NA,x,\n,,,\nagent\nAGENT , 00123 ,,n\n")
+    df = read_csv_messages(path)
+    assert list(df["speaker"]) == ["user", "agent", "agent"] and list(df["text"]) == ["NA", "", " 00123 "]
+    path = write(tmp_path / "t.csv", "speaker,text,turn\nuser,a,3.0\nagent,b,-1\nuser,c,+000000000000000000000042\n")
+    assert list(read_csv_messages(path)["turn"]) == [3, -1, 42]
+
+
+def test_folder_and_unreadable_file_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(NextwordError, match="is a folder"):
+        read_csv_messages(tmp_path)
+    path = write(tmp_path / "c.csv", "speaker,text\nuser,hi\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # a chmod does not stop root, who may run the tests
+    with pytest.raises(NextwordError, match="c.csv: permission denied"):
+        read_csv_messages(path)
+
+
 def run_ingest(tmp_path, csv: Path):
     out = tmp_path / "out" / "messages.parquet"
     proc = subprocess.run(
@@ -93,7 +131,7 @@ def run_ingest(tmp_path, csv: Path):
     return proc, out
 
 
-@pytest.mark.parametrize("case", ["ragged", "binary", "no_text_column", "no_tokens"])
+@pytest.mark.parametrize("case", ["ragged", "more_fields_than_header", "binary", "no_text_column", "no_tokens"])
 def test_ingest_stage_fails_in_one_line_and_writes_nothing(tmp_path, case):
     data, message = BAD_INPUTS[case]
     csv = write(tmp_path / f"{case}.csv", data)
