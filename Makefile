@@ -21,7 +21,9 @@ repro: install
 test: install
 	$(PYTHON) -m pytest -q tests
 
+# The bench trains on the chat windows: build them first (cached after the first time).
 bench: install
+	$(PYTHON) -m dvc repro window
 	$(PYTHON) -m nextword.bench
 
 # Rewrite params.yaml from conf/ (the chat preset), as `dvc exp run` does.

@@ -6,14 +6,42 @@ import numpy as np
 import pytest
 import torch
 
-from nextword.config import EngineParams
-from nextword.model import LanguageModel, ModelConfig, detach_state, save_model_dir
+from pathlib import Path
+
+from nextword.config import ModelConfig, TrainParams, load_params
+from nextword.model import LanguageModel, detach_state
+from nextword.modeldir import save_trained, write_servable
 from nextword.text import tokenize
 from nextword.vocab import Vocab
 from nextword.windows import cut_windows, lanes, split_stream
 
+ROOT = Path(__file__).resolve().parents[1]
+# The committed params (the chat preset): the project's defaults, which live in conf/ alone.
+DEFAULTS = load_params(ROOT / "params.yaml")
+# The engine with the project's default settings, without a banned-word list.
+ENGINE = DEFAULTS.engine.model_copy(update={"banned_words": None})
 # The engine as the LSTM alone: no n-gram, no cache, rejected words shown again, float32.
-PLAIN = EngineParams(ngram_weight=0, cache_weight=0, cache_bigram_weight=0, skip_rejected=False, int8=False)
+PLAIN = ENGINE.model_copy(update={"ngram_weight": 0, "cache_weight": 0, "cache_bigram_weight": 0,
+                                  "skip_rejected": False, "int8": False})
+
+
+def model_config(vocab_size: int, **shape) -> ModelConfig:
+    """A small plain LSTM for tests: full softmax, no tying, plain dropout; ``shape`` sets the sizes."""
+    plain = {"cell": "lstm", "tie_weights": False, "adaptive_softmax": False, "cutoffs": [2000, 8000],
+             "div_value": 4.0, "embedding_dropout": 0.0, "locked_dropout": False, "dropout": 0.0}
+    return ModelConfig.model_validate(plain | shape | {"vocab_size": vocab_size})
+
+
+def train_params(**settings) -> TrainParams:
+    """The committed train params with ``settings`` changed (validated)."""
+    return TrainParams.model_validate(DEFAULTS.train.model_dump() | settings)
+
+
+def save_servable(path, model, vocab, extra: dict, options=ENGINE, ngram=None) -> None:
+    """A servable model folder, as the train and bundle stages write one."""
+    trained = Path(path).with_name(Path(path).name + ".trained")
+    save_trained(trained, model, vocab, extra)
+    write_servable(path, trained, options, ngram)
 
 TINY_CONVERSATION = [
     ("user", "good morning , how are you today ?"),
@@ -31,7 +59,7 @@ def train_tiny_model(messages=TINY_CONVERSATION, steps: int = 150, seed: int = 0
     stream = split_stream(tokenized * 20, vocab, speaker_tags=True)
     windows = cut_windows(stream, 8)
     data = torch.from_numpy(lanes(windows, 8, pad_tail=False)).long()
-    model = LanguageModel(ModelConfig(vocab_size=len(vocab), embedding=32, hidden=64, layers=1, dropout=0.0))
+    model = LanguageModel(model_config(len(vocab), embedding=32, hidden=64, layers=1))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     model.train()
     for step in range(steps):
@@ -52,7 +80,7 @@ def train_tiny_model(messages=TINY_CONVERSATION, steps: int = 150, seed: int = 0
 def tiny_model_dir(tmp_path_factory):
     model, vocab = train_tiny_model()
     path = tmp_path_factory.mktemp("model") / "model"
-    save_model_dir(path, model, vocab, {"speaker_tags": True, "window_length": 8})
+    save_servable(path, model, vocab, {"speaker_tags": True, "window_length": 8})
     return path
 
 
@@ -65,12 +93,11 @@ def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float 
     they are filtered, not merely unlikely; tokens not in ``logits`` get -20.
     """
     from nextword.engine import Engine
-    from nextword.model import LanguageModel, ModelConfig
     from nextword.vocab import SPECIALS, Vocab
 
     tokens = list(SPECIALS) + [t for t in logits if t not in SPECIALS]
     vocab = Vocab(tokens, [0] * len(tokens))
-    model = LanguageModel(ModelConfig(vocab_size=len(vocab), embedding=4, hidden=4, layers=1, dropout=0.0))
+    model = LanguageModel(model_config(len(vocab), embedding=4, hidden=4, layers=1))
     with torch.no_grad():
         model.decoder.weight.zero_()
         model.decoder.bias.fill_(-20.0)

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TINY_CONVERSATION
+from conftest import ENGINE, TINY_CONVERSATION
 
 
 def nextword(*args, cwd=None, timeout=120):
@@ -57,7 +57,7 @@ def test_usage_and_model_errors_are_one_line(tiny_model_dir, tmp_path):
     assert_one_line_error(nextword("complete", "--top-p", "1.5", "hi"), "--top-p")
     assert_one_line_error(nextword("suggest", "--cache-bigram-weight", "1", "hi"), "--cache-bigram-weight")
     # The default model folder is the pipeline's output, models/model, missing here.
-    assert_one_line_error(nextword("suggest", "hi", cwd=tmp_path), "models/model: not a model folder")
+    assert_one_line_error(nextword("suggest", "hi", cwd=tmp_path), "models/model: no such model folder")
 
 
 def test_complete_strategies(tiny_model_dir):
@@ -82,13 +82,14 @@ def test_evaluate(tiny_model_dir, chat_csv, tmp_path):
     assert 0.5 < figures["ksr"] < 1 and figures["top3"] > 0.9
     assert figures["perplexity"] >= 1 and figures["perplexity"] < 3
     assert 0 < figures["latency_p50_ms"] <= figures["latency_p99_ms"]
-    assert figures["engine"] == {"ngram_weight": 0.4, "cache_weight": 0.05, "cache_bigram_weight": 0.05,
-                                 "skip_rejected": True, "int8": True}  # the defaults, as the pipeline's
+    # the settings stored in the model folder, as the pipeline evaluated them ...
+    assert figures["engine"] == ENGINE.model_dump(exclude={"ngram_order", "banned_words"})
+    # ... and each flag overrides one of them
     plain = json.loads(nextword("evaluate", "--model", tiny_model_dir, "--csv", chat_csv, "--json",
                                 "--max-conversations", "1", "--ngram-weight", "0", "--cache-weight", "0",
-                                "--cache-bigram-weight", "0", "--show-rejected", "--fp32").stdout)
+                                "--cache-bigram-weight", "0", "--skip-rejected", "--fp32", "-k", "2").stdout)
     assert plain["engine"] == {"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0,
-                               "skip_rejected": False, "int8": False}
+                               "suggestions": 2, "skip_rejected": True, "int8": False}
     assert plain["words"] == figures["words"] and plain["perplexity"] == figures["perplexity"]
     text = nextword("evaluate", "--model", tiny_model_dir, "--csv", chat_csv)
     assert "2 conversations" in text.stdout and "KSR" in text.stdout

@@ -34,24 +34,24 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     ids, probs = sampling_distribution(LOG_PROBS, top_p=0.8)
     assert list(ids) == [1, 3, 4]
     np.testing.assert_allclose(probs, [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85])
-    seen = frequencies("top_p", top_p=0.8)
+    seen = frequencies("sample", top_p=0.8)
     assert seen[[0, 2]].sum() == 0
     np.testing.assert_allclose(seen[[1, 3, 4]], probs, atol=0.03)
 
 
 def test_top_k_never_picks_outside_the_top_k():
-    seen = frequencies("top_k", top_k=2)
+    seen = frequencies("sample", top_k=2)
     assert seen[[0, 2, 4]].sum() == 0
     np.testing.assert_allclose(seen[[1, 3]], [0.5 / 0.7, 0.2 / 0.7], atol=0.03)
 
 
 def test_temperature_reshapes_the_distribution():
-    np.testing.assert_allclose(frequencies("temperature", temperature=1.0), PROBS, atol=0.03)
+    np.testing.assert_allclose(frequencies("sample", temperature=1.0), PROBS, atol=0.03)
     flat = PROBS ** 0.5 / (PROBS ** 0.5).sum()  # T = 2: softmax(log p / 2)
-    np.testing.assert_allclose(frequencies("temperature", temperature=2.0), flat, atol=0.03)
-    assert frequencies("temperature", draws=300, temperature=0.05)[1] == 1.0  # near 0: greedy
+    np.testing.assert_allclose(frequencies("sample", temperature=2.0), flat, atol=0.03)
+    assert frequencies("sample", draws=300, temperature=0.05)[1] == 1.0  # near 0: greedy
     with pytest.raises(ValueError):
-        choose(LOG_PROBS, "temperature", np.random.default_rng(0), temperature=0)
+        choose(LOG_PROBS, "sample", np.random.default_rng(0), temperature=0)
 
 
 def test_sample_combines_the_knobs_and_skips_blocked_tokens():

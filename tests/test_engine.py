@@ -2,12 +2,15 @@
 
 import copy
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import PLAIN
+from nextword.decoding import STRATEGIES
 from nextword.engine import Engine
 from nextword.errors import NextwordError
 from nextword.text import is_word, tokenize
@@ -127,8 +130,13 @@ def test_prefix_completion_is_the_top_k_of_the_words_with_that_prefix(engine):
         expected = sorted(candidates, key=lambda w: (-log_probs[engine.vocab.id(w)], engine.vocab.id(w)))[:3]
         shown = session.suggest(prefix, 3)
         assert [s.word for s in shown] == expected, prefix
-        for s in shown:  # renormalised over the suggestable words
-            assert s.probability == pytest.approx(np.exp(float(log_probs[engine.vocab.id(s.word)])) / mass, rel=1e-4)
+        # the probability given the letters typed: renormalised over the suggestable words with that prefix
+        given = sum(np.exp(float(log_probs[engine.vocab.id(w)])) for w in candidates)
+        for s in shown:
+            assert s.probability == pytest.approx(np.exp(float(log_probs[engine.vocab.id(s.word)])) / given,
+                                                  rel=1e-4)
+        if prefix == "":
+            assert given == pytest.approx(mass)
 
 
 def test_top_k_over_a_large_vocabulary(fixed_engine):
@@ -158,13 +166,13 @@ def test_specials_and_punctuation_are_never_suggested(engine, fixed_engine):
 def test_banned_words_never_appear_and_k_suggestions_still_come_back(tiny_model_dir, tmp_path):
     banned = tmp_path / "banned.txt"
     banned.write_text("# a comment\nYou\n\nfine\n", encoding="utf-8")
-    engine = Engine.load(tiny_model_dir, banned)
+    engine = Engine.load(tiny_model_dir, overrides={"banned_words": str(banned)})
     session = engine.session()
     session.type_text("user", "good morning , how are ")
     shown = [s.word for s in session.suggest("", 3)]
     assert len(shown) == 3 and "you" not in shown
     assert session.suggest("yo") == []
-    for strategy in ("greedy", "sample", "temperature", "top_k", "top_p", "beam"):
+    for strategy in STRATEGIES:
         for seed in range(3):
             line = session.complete(strategy, max_words=10, temperature=1.5, top_k=5, top_p=0.9, seed=seed)
             assert not {"you", "fine"} & set(line), (strategy, line)
@@ -175,7 +183,7 @@ def test_banned_words_never_appear_and_k_suggestions_still_come_back(tiny_model_
 
 def test_missing_banned_list_is_an_error(tiny_model_dir, tmp_path):
     with pytest.raises(NextwordError, match="banned-word list not found"):
-        Engine.load(tiny_model_dir, tmp_path / "missing.txt")
+        Engine.load(tiny_model_dir, overrides={"banned_words": str(tmp_path / "missing.txt")})
 
 
 def test_complete_stops_at_the_end_of_the_message_and_leaves_the_session_alone(engine):
@@ -191,10 +199,11 @@ def test_complete_stops_at_the_end_of_the_message_and_leaves_the_session_alone(e
 
 
 def test_model_folder_holds_tensors_and_json_only(tiny_model_dir):
-    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["config.json", "vocab.json", "weights.pt"]
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["config.json", "engine.json", "vocab.json",
+                                                                "weights.pt"]
     weights = torch.load(tiny_model_dir / "weights.pt", weights_only=True)
     assert weights and all(isinstance(v, torch.Tensor) for v in weights.values())
-    for name in ("config.json", "vocab.json"):
+    for name in ("config.json", "engine.json", "vocab.json"):
         json.loads((tiny_model_dir / name).read_text(encoding="utf-8"))
 
 
@@ -205,12 +214,27 @@ class Smuggled:
 def test_a_pickled_object_in_the_weights_is_refused(tiny_model_dir, tmp_path):
     bad = tmp_path / "model"
     bad.mkdir()
-    for name in ("config.json", "vocab.json"):
+    for name in ("config.json", "vocab.json", "engine.json"):
         (bad / name).write_bytes((tiny_model_dir / name).read_bytes())
     weights = torch.load(tiny_model_dir / "weights.pt", weights_only=True)
     torch.save({**weights, "extra": Smuggled()}, bad / "weights.pt")
-    with pytest.raises(NextwordError, match="cannot load the model folder"):
+    with pytest.raises(NextwordError, match=f"^{re.escape(str(bad / 'weights.pt'))}: damaged"):
         Engine.load(bad)
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("weights.pt", lambda b: b[: len(b) // 2]),
+    ("config.json", lambda b: b[:-20]),
+    ("vocab.json", lambda b: b"{}"),
+    ("engine.json", lambda b: b.replace(b'"int8"', b'"int9"')),
+])
+def test_a_damaged_model_folder_names_the_damaged_file(tiny_model_dir, tmp_path, name, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / name).write_bytes(damage((folder / name).read_bytes()))
+    with pytest.raises(NextwordError) as err:
+        Engine.load(folder)
+    assert str(err.value).startswith(f"{folder / name}: damaged") and "\n" not in str(err.value)
 
 
 def test_int8_engine_gives_nearly_the_same_distribution(engine, tiny_model_dir):
@@ -321,15 +345,15 @@ def test_the_ngram_mixes_in_after_the_last_ids_in_suggestions_and_completions(fi
 
 
 def test_a_model_folder_with_an_ngram_is_loaded_with_it(tiny_model_dir, tmp_path):
-    from conftest import TINY_CONVERSATION
-    from nextword.model import load_model_dir, save_model_dir
+    from conftest import TINY_CONVERSATION, save_servable
+    from nextword.modeldir import load_trained
     from nextword.ngram import KneserNey
     from nextword.windows import split_stream
 
-    model, vocab, config = load_model_dir(tiny_model_dir)
+    model, vocab, config = load_trained(tiny_model_dir)
     stream = split_stream([(s, tokenize(t)) for s, t in TINY_CONVERSATION], vocab, True)
     folder = tmp_path / "model"
-    save_model_dir(folder, model, vocab, config, KneserNey.fit(stream, len(vocab), order=3))
+    save_servable(folder, model, vocab, config, ngram=KneserNey.fit(stream, len(vocab), order=3))
     assert (folder / "ngram.npz").is_file()
     options = PLAIN.model_copy(update={"ngram_weight": 0.3})
     with_ngram = Engine.load(folder, options=options)
@@ -337,5 +361,5 @@ def test_a_model_folder_with_an_ngram_is_loaded_with_it(tiny_model_dir, tmp_path
     assert Engine.load(tiny_model_dir, options=options).ngram is None  # a folder without one: the LSTM alone
     assert Engine.load(folder, options=PLAIN).ngram is None  # weight 0: not even loaded
     (folder / "ngram.npz").write_bytes(b"not an npz")
-    with pytest.raises(NextwordError, match="cannot load the model folder"):
+    with pytest.raises(NextwordError, match="ngram.npz: damaged"):
         Engine.load(folder, options=options)

@@ -45,7 +45,8 @@ def test_ksr_on_a_hand_computed_case(fixed_engine):
     # Top-1 at i = 0 is always "the": 1 hit of 7 words; top-3 adds "they": 2 of 7.
     report = simulate(engine, [CONVERSATION])
     assert (report.keystrokes, report.keystrokes_without, report.words) == (22, 36, 7)
-    assert report.ksr == pytest.approx(7 / 18)
+    assert report.ksr == report.ksr_show_rejected == pytest.approx(7 / 18)
+    assert report.ksr_skip_rejected == pytest.approx(5 / 9)  # the next test's case, from the same run
     assert report.top1 == pytest.approx(1 / 7)
     assert report.top3 == pytest.approx(2 / 7)
     assert (report.conversations, report.messages) == (1, 2)
@@ -71,7 +72,8 @@ def test_ksr_when_words_passed_over_make_room_for_others(fixed_engine):
     #   total                    16    36  ->  KSR = 1 - 16/36 = 5/9
     report = simulate(engine, [CONVERSATION])
     assert (report.keystrokes, report.keystrokes_without) == (16, 36)
-    assert report.ksr == pytest.approx(5 / 9)
+    assert report.ksr == report.ksr_skip_rejected == pytest.approx(5 / 9)
+    assert report.ksr_show_rejected == pytest.approx(7 / 18)
     assert (report.top1, report.top3) == (pytest.approx(1 / 7), pytest.approx(2 / 7))  # the strip at i = 0 is unchanged
     assert report.latency_keystrokes == 1 + 2 + 2 + 2 + 2 + 5 + 1
 

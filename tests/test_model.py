@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from nextword.model import LanguageModel, ModelConfig, StackedRNN, count_flops_per_token, dropout
+from conftest import model_config
+from nextword.model import LanguageModel, StackedRNN, count_flops_per_token, dropout
 from nextword.vocab import PAD_ID
 
 
-def config(**overrides) -> ModelConfig:
-    return ModelConfig(**{"vocab_size": 40, "embedding": 8, "hidden": 12, "layers": 2, "dropout": 0.0, **overrides})
+def config(**overrides):
+    return model_config(**{"vocab_size": 40, "embedding": 8, "hidden": 12, "layers": 2, **overrides})
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -131,8 +132,8 @@ def test_flops_per_token_count_the_matrix_multiplies():
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_pad_targets_are_masked_out_of_the_loss(adaptive):
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(vocab_size=50, embedding=8, hidden=12, layers=1, dropout=0.0,
-                                      adaptive_softmax=adaptive, cutoffs=(10, 30))).eval()
+    model = LanguageModel(model_config(50, embedding=8, hidden=12, layers=1,
+                                         adaptive_softmax=adaptive, cutoffs=(10, 30))).eval()
     ids = torch.randint(6, 50, (3, 7))
     targets = torch.randint(6, 50, (3, 7))
     targets[1, 4:] = PAD_ID  # a padded tail, as the last window of a split has

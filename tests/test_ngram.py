@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nextword.metrics import Scores, evaluate, evaluate_ngram, word_masks
-from nextword.model import LanguageModel, ModelConfig
+from conftest import model_config
+from nextword.model import LanguageModel
 from nextword.ngram import FALLBACK_DISCOUNTS, KneserNey, estimate_discounts, stream_from_windows
 from nextword.vocab import PAD_ID, SPECIALS, Vocab
 from nextword.windows import cut_windows, lanes
@@ -166,7 +167,7 @@ def test_lstm_and_ngram_are_scored_alike():
     vocab = toy_vocab(30)
     stream = np.random.default_rng(3).integers(1, len(vocab), size=500)
     windows = cut_windows(stream, 7)
-    model = LanguageModel(ModelConfig(vocab_size=len(vocab), embedding=8, hidden=16, layers=1, dropout=0.0))
+    model = LanguageModel(model_config(len(vocab), embedding=8, hidden=16, layers=1))
     got = evaluate(model, windows, vocab, batch_size=4)
     expected = reference_evaluate(model.eval(), windows, vocab, batch_size=4)
     assert got.keys() == expected.keys()

@@ -1,9 +1,10 @@
 """End to end: the real `dvc` in a temporary git repository, the real MLflow store it writes.
 
-Copies the project, composes the toy preset, runs `dvc repro`, then
-`dvc exp run -S corpus=toy -S model.layers=2`, and checks `dvc exp show
---json`, the MLflow runs (params, per-epoch metrics, artifacts) and that a
-change of `sample.temperature` reruns only the `sample` stage.
+Copies the project into a fresh git repository with the toy preset and runs the
+pipeline as a user would: `dvc repro`, `dvc exp run -S ...`, param changes, a
+code change, a colleague's `dvc pull`, and queued experiments run by two
+workers. Each test checks what DVC reports against what the outputs, the MLflow
+store and every serving surface (CLI, web API, MLflow model) hold.
 """
 
 import json
@@ -12,13 +13,15 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA_STAGES = {"ingest", "tokenize", "vocab", "window", "baseline"}
 
 
 def project_files() -> list[str]:
@@ -27,9 +30,8 @@ def project_files() -> list[str]:
     return [f for f in out.splitlines() if (ROOT / f).is_file()]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("e2e") / "project"
+def make_project(repo: Path) -> SimpleNamespace:
+    """A copy of the project in a new git repository, with the toy preset committed."""
     for name in project_files():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
@@ -38,11 +40,16 @@ def project(tmp_path_factory):
     env.pop("MLFLOW_TRACKING_URI", None)
     env["DVC_NO_ANALYTICS"] = "1"
 
-    def run(*args, check=True):
-        proc = subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True)
+    def run(*args, check=True, cwd=repo, timeout=900):
+        proc = subprocess.run(list(map(str, args)), cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
+
+    def dvc(*args, **kwargs):
+        return run(sys.executable, "-m", "dvc", *args, **kwargs)
 
     run("git", "init", "-q")
     run("git", "config", "user.email", "test@example.com")
@@ -50,7 +57,12 @@ def project(tmp_path_factory):
     run(sys.executable, "-m", "nextword.cli", "params", "toy")
     run("git", "add", "-A")
     run("git", "commit", "-qm", "toy preset")
-    return SimpleNamespace(path=repo, run=run)
+    return SimpleNamespace(path=repo, run=run, dvc=dvc, env=env)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("e2e") / "project")
 
 
 def stages_run(output: str) -> list[str]:
@@ -67,12 +79,38 @@ def walk(node):
             yield from walk(v)
 
 
-def test_repro_then_experiment_then_temperature(project):
-    repo = project.path
-    dvc = lambda *args: project.run(sys.executable, "-m", "dvc", *args)  # noqa: E731
+def mlflow_client(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def all_runs(repo: Path) -> list:
+    client = mlflow_client(repo)
+    experiment = client.get_experiment_by_name("nextword")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def set_params(repo: Path, **changes) -> None:
+    """Change ``section.key`` values of params.yaml, as a user editing it would."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def samples_top(repo: Path, prompt_number: int) -> list[tuple[str, str]]:
+    """The next-word list the sample stage wrote for one prompt: (word, probability to 3 decimals)."""
+    text = (repo / "reports/samples.md").read_text()
+    block = text.split(f"## {prompt_number}. ")[1].split("Completions:")[0]
+    return re.findall(r"^- (\S+) \((\d\.\d{3})\)$", block, flags=re.M)
+
+
+def test_repro_then_experiments_then_param_changes(project):
+    repo, dvc = project.path, project.dvc
     first = dvc("repro")
-    assert {"ingest", "tokenize", "vocab", "window", "baseline", "train", "evaluate", "sample"} <= set(
-        stages_run(first.stdout))
+    assert DATA_STAGES | {"train", "bundle", "evaluate", "sample", "track"} <= set(stages_run(first.stdout))
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     for split in ("val", "test"):
         assert metrics[split]["tokens"] > 0 and 1 < metrics[split]["perplexity"] < 10_000
@@ -82,15 +120,16 @@ def test_repro_then_experiment_then_temperature(project):
     curves = (repo / "reports/epochs.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,") and len(curves) == 31  # header + 30 epochs of the toy preset
     assert "## 1." in (repo / "reports/samples.md").read_text()
-    assert (repo / "models/model/ngram.npz").is_file()  # the engine's n-gram, fitted by the train stage
+    assert {"ngram.npz", "engine.json", "banned_words.txt"} <= {p.name for p in (repo / "models/model").iterdir()}
+    assert not (repo / "models/checkpoint.pt").exists()  # only an interrupted run leaves one
     assert dvc("status").stdout.strip().endswith("up to date.")
     project.run("git", "add", "-A")
-    project.run("git", "commit", "-qm", "toy baseline results")
+    project.run("git", "commit", "-qm", "toy results")
 
-    # an experiment with two layers: data stages are cached, train/evaluate/sample rerun
+    # an experiment with two layers: data stages are cached, the model and what follows rerun
     exp = dvc("exp", "run", "-n", "two-layers", "-S", "corpus=toy", "-S", "model.layers=2")
     ran = set(stages_run(exp.stdout))
-    assert {"train", "evaluate", "sample"} <= ran and not ran & {"ingest", "tokenize", "vocab", "window", "baseline"}
+    assert {"train", "bundle", "evaluate", "sample", "track"} <= ran and not ran & DATA_STAGES
     shown = json.loads(dvc("exp", "show", "--json").stdout)
     layers = {}
     for node in walk(shown):
@@ -102,55 +141,162 @@ def test_repro_then_experiment_then_temperature(project):
                 layers[p["model"]["layers"]] = m["test"]["perplexity"]
     assert set(layers) == {1, 2}, shown
 
-    # only sample.temperature changes: only `sample` reruns
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["sample"]["temperature"] = 0.5
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(dvc("repro").stdout) == ["sample"]
-    # an engine setting reruns what suggests (evaluate, sample), not the training
-    params["engine"]["cache_weight"] = 0.0
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert sorted(stages_run(dvc("repro").stdout)) == ["evaluate", "sample"]
+    # only sample.temperature changes: only `sample` reruns, then the run is logged
+    set_params(repo, **{"sample.temperature": 0.5})
+    assert stages_run(dvc("repro").stdout) == ["sample", "track"]
+    # an engine setting reruns what serves (bundle, evaluate, sample), not the training
+    set_params(repo, **{"engine.cache_weight": 0.0})
+    assert sorted(stages_run(dvc("repro").stdout)) == ["bundle", "evaluate", "sample", "track"]
 
-    # the MLflow store under the repository root holds every run, with the experiment's name
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("nextword")
-    assert experiment.artifact_location.startswith((repo / "mlartifacts").as_uri())
-    runs = client.search_runs([experiment.experiment_id])
-    # one run per training; the sample-only rerun logs into the run of the model it sampled from
-    assert len(runs) == 2
-    by_name = {r.info.run_name: r for r in runs}
-    assert "two-layers" in by_name
+    # Every configuration is its own MLflow run, whose params and metrics belong together.
+    runs = all_runs(repo)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.info.run_name for r in runs}) == 4  # a plain `dvc repro` gets a name of its own too
+    client = mlflow_client(repo)
     for run in runs:
-        assert run.info.status == "FINISHED"
         assert run.data.params["preset"] == "toy" and run.data.params["window.length"] == "5"
         history = client.get_metric_history(run.info.run_id, "val_perplexity")
         assert [m.step for m in history] == list(range(1, 31))
-        assert {"lstm_test_perplexity", "lstm_test_top3", "baseline_test_perplexity"} <= set(run.data.metrics)
+        assert {"lstm_test_perplexity", "lstm_test_top3", "baseline_test_perplexity",
+                "lstm_keystrokes_ksr"} <= set(run.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-        assert {"model/weights.pt", "model/vocab.json", "model/config.json", "model/ngram.npz"} <= artifacts
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/epochs.csv"]
+        assert {"model/weights.pt", "model/engine.json", "model/ngram.npz"} <= artifacts
         assert "reports/samples.md" in {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
-    assert by_name["two-layers"].data.params["model.layers"] == "2"
-    # the train stage logged a servable model into its run
-    import mlflow.pyfunc
+    by_name = {r.info.run_name: r for r in runs}
+    assert by_name["two-layers"].data.metrics["lstm_test_perplexity"] == pytest.approx(layers[2])
+    plain_repro = [r for r in runs if r.info.run_name.startswith("toy-")]
+    assert len(plain_repro) == 3  # the first repro and the two param changes after the experiment
+    # the run of the last change holds its params and the KSR measured with them; the others keep theirs
+    last = json.loads((repo / "reports/mlflow.json").read_text())
+    latest = client.get_run(last["run_id"])
+    assert latest.data.params["engine.cache_weight"] == "0.0" and latest.data.params["sample.temperature"] == "0.5"
+    assert latest.data.metrics["lstm_keystrokes_ksr"] == pytest.approx(
+        json.loads((repo / "reports/metrics.json").read_text())["keystrokes"]["ksr"])
+    assert latest.data.tags["nextword.training_run"] == by_name["two-layers"].info.run_id
+    assert by_name["two-layers"].data.params["engine.cache_weight"] == "0.05"
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "cache off")
 
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    suggester = mlflow.pyfunc.load_model(f"runs:/{by_name['two-layers'].info.run_id}/suggester")
+
+def test_every_surface_serves_the_settings_the_pipeline_evaluated(project):
+    """The issue's reproduction: an experiment without the n-gram, then the CLI, the web API and the MLflow model."""
+    repo = project.path
+    # model.layers=2 as committed, so only what serves reruns
+    exp = project.dvc("exp", "run", "-S", "corpus=toy", "-S", "model.layers=2", "-S", "engine.ngram_weight=0")
+    assert "train" not in stages_run(exp.stdout) and "bundle" in stages_run(exp.stdout)
+    assert json.loads((repo / "models/model/engine.json").read_text())["ngram_weight"] == 0.0
+    expected = samples_top(repo, 1)  # "the quick brown ", top 5 of the LSTM alone
+    assert len(expected) == 5
+
+    cli = project.run(sys.executable, "-m", "nextword.cli", "suggest", "-k", "5", "the quick brown ")
+    assert [(w, f"{float(p):.3f}") for w, p in (line.split("\t") for line in cli.stdout.splitlines())] == expected
+    mixed = project.run(sys.executable, "-m", "nextword.cli", "suggest", "-k", "5", "--ngram-weight", "0.4",
+                        "the quick brown ")
+    assert mixed.stdout != cli.stdout  # a flag still overrides the folder's setting
+
+    from servers import background_server
+
+    from nextword.server import create_app
+
+    import urllib.request
+
+    with background_server(create_app(repo / "models/model", log_path=repo / "keystrokes.jsonl")) as url:
+        body = json.dumps({"speaker": "user", "text": "the quick brown ", "k": 5}).encode()
+        request = urllib.request.Request(f"{url}/api/suggest", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            web = json.load(response)["suggestions"]
+    assert [(s["word"], f"{s['probability']:.3f}") for s in web] == expected
+
+    import mlflow.pyfunc
     import pandas as pd
 
-    out = suggester.predict(pd.DataFrame({"text": ["the quick "], "speaker": ["user"], "k": [3]}))
-    assert len(out["suggestions"][0]) == 3
-    assert by_name["two-layers"].data.metrics["lstm_test_perplexity"] == pytest.approx(layers[2])
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    run_id = json.loads((repo / "reports/mlflow.json").read_text())["run_id"]
+    assert mlflow_client(repo).get_run(run_id).data.params["engine.ngram_weight"] == "0.0"
+    suggester = mlflow.pyfunc.load_model(f"runs:/{run_id}/suggester")
+    out = suggester.predict(pd.DataFrame({"text": ["the quick brown "], "speaker": ["user"], "k": [5]}))
+    assert [(w, f"{p:.3f}") for w, p in zip(out["suggestions"][0], out["probabilities"][0])] == expected
+
+
+def curves(repo: Path) -> list[dict]:
+    """The training curves without the timing columns, which differ between any two runs."""
+    import csv
+
+    with open(repo / "reports/epochs.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in ("seconds", "tokens_per_second")}
+                for row in csv.DictReader(f)]
+
+
+def test_a_code_change_retrains_from_scratch(project):
+    repo = project.path
+    project.run("git", "checkout", "-q", "--", ".")
+    project.dvc("checkout", "-q", check=False)
+    before = curves(repo)
+    model_py = repo / "src/nextword/model.py"
+    source = model_py.read_text()
+    assert "nn.init.uniform_(self.embed.weight, -0.1, 0.1)" in source
+    model_py.write_text(source.replace("nn.init.uniform_(self.embed.weight, -0.1, 0.1)",
+                                       "nn.init.uniform_(self.embed.weight, -0.05, 0.05)"))
+    try:
+        out = project.dvc("repro")
+        assert "train" in stages_run(out.stdout)
+        assert "resuming" not in out.stdout + out.stderr
+        after = curves(repo)
+        assert len(after) == len(before) and after[0] != before[0]  # the first epoch itself was trained anew
+        forced = project.dvc("repro", "-f", "train")
+        assert "resuming" not in forced.stdout + forced.stderr
+        assert curves(repo) == after  # from scratch again, and the same code, params and seed give the same
+    finally:
+        model_py.write_text(source)
+    assert not (repo / "models/checkpoint.pt").exists()
+
+
+def test_a_pulled_pipeline_is_up_to_date_and_serves_without_training(project, tmp_path):
+    repo = project.path
+    project.dvc("repro")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "results", check=False)
+    remote = tmp_path / "remote"
+    project.dvc("remote", "add", "-f", "-d", "store", remote)
+    project.run("git", "commit", "-qam", "remote")
+    project.dvc("push")
+    clone = tmp_path / "clone"
+    project.run("git", "clone", "-q", repo, clone)
+    project.dvc("pull", cwd=clone)
+    status = project.dvc("status", cwd=clone)
+    assert status.stdout.strip().endswith("up to date."), status.stdout
+    suggest = project.run(sys.executable, "-m", "nextword.cli", "suggest", "the quick brown ", cwd=clone)
+    assert len(suggest.stdout.splitlines()) == 3
+
+
+def test_queued_experiments_with_two_workers_all_land_in_a_fresh_store(tmp_path):
+    project = make_project(tmp_path / "queue")
+    seeds = (1, 2, 3, 4)
+    for seed in seeds:
+        project.dvc("exp", "run", "--queue", "-S", "corpus=toy", "-S", f"seed={seed}")
+    project.dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while True:
+        status = project.dvc("queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    project.dvc("queue", "stop", check=False)
+    assert status.count("Success") == 4 and "Failed" not in status, status
+    runs = all_runs(project.path)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert sorted(int(r.data.params["seed"]) for r in finished) == list(seeds), [
+        (r.info.run_name, r.info.status) for r in runs]
+    assert all("lstm_keystrokes_ksr" in r.data.metrics for r in finished)
 
 
 def test_unreachable_tracking_server_fails_the_stage_at_once(project):
-    env = dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:9", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(project.env, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     proc = subprocess.run(
         [sys.executable, "src/stages/train.py", "--vocab", "data/processed/vocab.json", "--windows",
-         "data/processed/windows", "--banned", "data/banned_words.txt", "--model", "/tmp/never", "--checkpoint", "/tmp/never.pt", "--curves",
+         "data/processed/windows", "--model", "/tmp/never", "--checkpoint", "/tmp/never.pt", "--curves",
          "/tmp/never.csv", "--run", "/tmp/never.json"],
         cwd=project.path, env=env, capture_output=True, text=True, timeout=120,
     )

@@ -17,6 +17,8 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
+from conftest import ENGINE, save_servable  # noqa: E402
+from nextword.modeldir import load_trained  # noqa: E402
 from nextword.pyfunc import log_model  # noqa: E402
 
 
@@ -33,8 +35,11 @@ def logged_run(tmp_path_factory, tiny_model_dir):
         experiment = mlflow.create_experiment("suggester", artifact_location=(store / "artifacts").as_uri())
         banned = store / "banned.txt"
         banned.write_text("are\n", encoding="utf-8")
+        model, vocab, config = load_trained(tiny_model_dir)
+        folder = store / "model"
+        save_servable(folder, model, vocab, config, options=ENGINE.model_copy(update={"banned_words": str(banned)}))
         with mlflow.start_run(experiment_id=experiment) as run:
-            log_model(tiny_model_dir, banned)
+            log_model(folder)
         yield uri, run.info.run_id
     finally:
         mlflow.set_tracking_uri(previous_uri)

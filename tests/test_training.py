@@ -1,8 +1,8 @@
 """The training loop: resuming a killed run, two processes under torchrun, the LR schedule, early stopping.
 
 The resume and torchrun tests run real processes on a tiny corpus: a driver
-script (written to a temporary folder) calls :func:`nextword.training.train`
-and saves the final weights and history.
+script (``train_driver.py``) calls :func:`nextword.training.train` and saves
+the final weights and history.
 """
 
 import json
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import TINY_CONVERSATION
-from nextword.config import TrainParams
-from nextword.model import LanguageModel, ModelConfig
+from conftest import model_config, train_params
+from nextword.model import LanguageModel
 from nextword.text import tokenize
 from nextword.training import train
 from nextword.vocab import Vocab
@@ -26,33 +26,7 @@ from nextword.windows import cut_windows, split_stream
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"seconds", "tokens_per_second"}
 
-DRIVER = """
-import json, logging, sys, time
-import numpy as np, torch
-from nextword.config import TrainParams
-from nextword.model import LanguageModel, ModelConfig
-from nextword.training import finish_distributed, init_distributed, seed_everything, train
-from nextword.vocab import Vocab
-
-logging.basicConfig(level=logging.INFO, format="%(message)s")
-data, out, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-rank = init_distributed("cpu")
-seed_everything(3, threads=1)
-vocab = Vocab.load(f"{data}/vocab.json")
-windows = {s: np.load(f"{data}/{s}.npy") for s in ("train", "val")}
-model = LanguageModel(ModelConfig.from_dict({"vocab_size": len(vocab), **spec["model"]}))
-
-def on_epoch(row):
-    print("finished epoch", row["epoch"], flush=True)
-    if row["epoch"] == spec.get("hang_after"):
-        time.sleep(600)  # killed here by the test
-
-result = train(model, windows["train"], windows["val"], vocab, TrainParams(**spec["train"]), 8, seed=3,
-               checkpoint=spec.get("checkpoint"), on_epoch=on_epoch)
-finish_distributed()
-if rank == 0:
-    torch.save({"weights": model.state_dict(), "history": result.history, "best_epoch": result.best_epoch}, out)
-"""
+DRIVER = Path(__file__).with_name("train_driver.py")
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +48,6 @@ def tiny_data(tmp_path_factory):
     for split, repeats in (("train", 24), ("val", 4)):
         messages = [tokenized[i] for i in rng.integers(0, len(tokenized), repeats * len(tokenized))]
         np.save(folder / f"{split}.npy", cut_windows(split_stream(messages, vocab, speaker_tags=True), 8))
-    (folder / "driver.py").write_text(DRIVER)
     return folder
 
 
@@ -88,14 +61,15 @@ def spec(**train_overrides) -> dict:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def start(data: Path, out: Path, run_spec: dict, torchrun: int = 0) -> subprocess.Popen:
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    return subprocess.Popen([*launcher, str(data / "driver.py"), str(data), str(out), json.dumps(run_spec)],
+    return subprocess.Popen([*launcher, str(DRIVER), str(data), str(out), json.dumps(run_spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
 
 
@@ -106,7 +80,7 @@ def finish(proc: subprocess.Popen, out: Path) -> dict:
     finally:
         proc.kill()
     assert proc.returncode == 0, log[-4000:]
-    return torch.load(out, weights_only=False) | {"log": log}
+    return torch.load(out, weights_only=True) | {"log": log}
 
 
 def without_timing(history: list[dict]) -> list[dict]:
@@ -126,7 +100,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tiny_data, tmp_pat
     finally:
         killed.kill()
         killed.wait()
-    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # tensors and plain values only
     assert not (tmp_path / "never.pt").exists()
 
     resumed = finish(start(tiny_data, tmp_path / "resumed.pt", spec() | {"checkpoint": str(checkpoint)}),
@@ -157,7 +131,7 @@ def test_two_processes_follow_the_single_process_loss_curve(tiny_data, tmp_path)
 
 def small_model(vocab_size: int) -> LanguageModel:
     torch.manual_seed(0)
-    return LanguageModel(ModelConfig(vocab_size=vocab_size, embedding=8, hidden=16, layers=1, dropout=0.0))
+    return LanguageModel(model_config(vocab_size, embedding=8, hidden=16, layers=1))
 
 
 def load(folder: Path):
@@ -175,7 +149,7 @@ def test_lr_is_cut_on_a_plateau_and_training_stops_early(tiny_data, monkeypatch)
     monkeypatch.setattr("nextword.training.evaluate", scripted_evaluate)
     model = small_model(len(vocab))
     snapshots = []
-    params = TrainParams(batch_size=8, epochs=6, lr=0.01, clip=1.0, device="cpu", lr_decay=0.5, patience=2)
+    params = train_params(batch_size=8, epochs=6, lr=0.01, clip=1.0, device="cpu", lr_decay=0.5, patience=2)
     result = train(model, train_windows, val_windows, vocab, params, 8, seed=0,
                    on_epoch=lambda row: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}))
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]  # two epochs without improvement
@@ -188,27 +162,53 @@ def test_lr_is_cut_on_a_plateau_and_training_stops_early(tiny_data, monkeypatch)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_lowers_the_loss_on_cpu(tiny_data, precision):
     vocab, train_windows, val_windows = load(tiny_data)
-    params = TrainParams(batch_size=8, epochs=3, lr=0.01, clip=1.0, device="auto", precision=precision)
+    params = train_params(batch_size=8, epochs=3, lr=0.01, clip=1.0, device="auto", precision=precision)
     result = train(small_model(len(vocab)), train_windows, val_windows, vocab, params, 8, seed=0)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0] and result.history[-1]["val_loss"] < result.history[0]["val_loss"]
 
 
-def test_a_checkpoint_of_other_params_is_not_resumed(tiny_data, tmp_path):
+def trained(tiny_data, params, checkpoint=None) -> tuple:
+    """(history without timings, weights) of a run of ``small_model`` with ``params``."""
     vocab, train_windows, val_windows = load(tiny_data)
+    model = small_model(len(vocab))
+    result = train(model, train_windows, val_windows, vocab, params, 8, seed=0, checkpoint=checkpoint)
+    return without_timing(result.history), model.state_dict()
+
+
+def same_run(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.mark.parametrize("change", ["epochs", "lr", "code"])
+def test_a_checkpoint_of_other_code_or_params_is_not_resumed(tiny_data, tmp_path, monkeypatch, caplog, change):
     checkpoint = tmp_path / "checkpoint.pt"
-    params = TrainParams(batch_size=8, epochs=1, lr=0.01, clip=1.0, device="cpu")
-    train(small_model(len(vocab)), train_windows, val_windows, vocab, params, 8, seed=0, checkpoint=checkpoint)
-    # more epochs continue the same run ...
-    longer = params.model_copy(update={"epochs": 2})
-    result = train(small_model(len(vocab)), train_windows, val_windows, vocab, longer, 8, seed=0,
-                   checkpoint=checkpoint)
-    assert len(result.history) == 2 and torch.load(checkpoint, weights_only=False)["epoch"] == 2
-    # ... another learning rate starts over
-    other = params.model_copy(update={"lr": 0.02})
-    result = train(small_model(len(vocab)), train_windows, val_windows, vocab, other, 8, seed=0,
-                   checkpoint=checkpoint)
-    assert len(result.history) == 1
+    params = train_params(batch_size=8, epochs=1, lr=0.01, clip=1.0, device="cpu", lr_decay=0.5)
+    trained(tiny_data, params, checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+    other = params
+    if change == "code":
+        monkeypatch.setattr("nextword.training.code_fingerprint", lambda: "other code")
+    else:
+        other = params.model_copy(update={change: {"epochs": 2, "lr": 0.02}[change]})
+    with caplog.at_level("INFO", logger="nextword.training"):
+        again = trained(tiny_data, other, checkpoint)
+    assert "ignoring" in caplog.text and "resuming" not in caplog.text
+    assert same_run(again, trained(tiny_data, other))  # what a run from scratch gives
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_starts_over(tiny_data, tmp_path, caplog):
+    checkpoint = tmp_path / "checkpoint.pt"
+    params = train_params(batch_size=8, epochs=2, lr=0.01, clip=1.0, device="cpu", lr_decay=0.5)
+    trained(tiny_data, params, checkpoint)
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 2])  # a write cut short by a full disk or a crash
+    with caplog.at_level("INFO", logger="nextword.training"):
+        again = trained(tiny_data, params, checkpoint)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "damaged checkpoint" in warnings[0] and "\n" not in warnings[0]
+    assert (tmp_path / "checkpoint.pt.damaged").read_bytes() == whole[: len(whole) // 2]
+    assert same_run(again, trained(tiny_data, params))
 
 
 def test_bench_prints_one_json_object(tiny_data, tmp_path, capsys):
@@ -245,11 +245,11 @@ def test_same_params_and_seed_give_the_same_metrics_and_weights(tiny_data):
     from nextword.training import seed_everything
 
     vocab, train_windows, val_windows = load(tiny_data)
-    params = TrainParams(batch_size=8, epochs=2, lr=0.01, clip=1.0, device="cpu")
+    params = train_params(batch_size=8, epochs=2, lr=0.01, clip=1.0, device="cpu")
     runs = []
     for _ in range(2):
         seed_everything(5)
-        model = LanguageModel(ModelConfig(vocab_size=len(vocab), embedding=16, hidden=24, layers=2, dropout=0.3))
+        model = LanguageModel(model_config(len(vocab), embedding=16, hidden=24, layers=2, dropout=0.3))
         result = train(model, train_windows, val_windows, vocab, params, 8, seed=5)
         runs.append(([{k: v for k, v in row.items() if k not in TIMING} for row in result.history],
                      model.state_dict()))

@@ -32,7 +32,6 @@ Nothing in ``make test`` depends on these numbers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import resource
@@ -45,9 +44,9 @@ import numpy as np
 import torch
 import yaml
 
-from nextword.config import load_params
+from nextword.config import ModelConfig, load_params
 from nextword.errors import NextwordError, exit_on_error
-from nextword.model import LanguageModel, ModelConfig, count_flops_per_token
+from nextword.model import LanguageModel, count_flops_per_token
 from nextword.training import autocast_dtype, resolve_device, seed_everything, train
 from nextword.vocab import Vocab
 
@@ -113,7 +112,7 @@ def measure(config: ModelConfig, train_params, windows, val_windows, vocab, seed
     matmul = {name: statistics.median(values[1:]) for name, values in rates.items()}
     achieved = tokens_per_second * flops / 1e9
     out = {
-        "options": {k: v for k, v in dataclasses.asdict(config).items() if k in OPTIONS} | {"precision": precision},
+        "options": {k: v for k, v in config.model_dump().items() if k in OPTIONS} | {"precision": precision},
         "tokens_per_second": round(tokens_per_second, 1),
         "tokens_per_second_by_round": [round(r["tokens_per_second"], 1) for r in timed],
         "flops_per_token": flops,
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     val_file = windows_dir / "val.npy"
     val_windows = np.load(val_file)[: 4 * batch_size] if val_file.exists() else windows[: 4 * batch_size]
 
-    config = ModelConfig.from_dict({"vocab_size": len(vocab), **params.model.model_dump()})
+    config = ModelConfig(vocab_size=len(vocab), **params.model.model_dump())
     train_params = params.train.model_copy(update={"max_steps_per_epoch": args.steps, "processes": 1})
     device = resolve_device(train_params.device)
     report = {
@@ -190,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                         args.matmul_size),
     }
     if not args.skip_reference:
-        reference = dataclasses.replace(config, adaptive_softmax=False, tie_weights=False, locked_dropout=False,
-                                        embedding_dropout=0.0)
+        reference = config.model_copy(update={"adaptive_softmax": False, "tie_weights": False,
+                                              "locked_dropout": False, "embedding_dropout": 0.0})
         report["reference"] = measure(reference, train_params.model_copy(update={"precision": "fp32"}), windows,
                                       val_windows, vocab, params.seed, args.rounds, args.matmul_size)
         report["speedup"] = round(report["chat"]["tokens_per_second"] / report["reference"]["tokens_per_second"], 2)

@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from nextword.config import SPEAKERS
+from nextword.decoding import STRATEGIES
 from nextword.errors import NextwordError, exit_on_error
 
-DEFAULT_MODEL = "models/model"
-STRATEGIES = ("greedy", "sample", "beam")
+DEFAULT_MODEL = "models/model"  # the bundle stage's output in dvc.yaml (the test suite checks they agree)
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,13 +49,25 @@ def probability(text: str) -> float:
     return value
 
 
-def engine_options(args):
-    """The engine flags as :class:`~nextword.config.EngineParams` (its defaults where a flag is not given)."""
-    from nextword.config import EngineParams
+# Engine flags and the EngineParams field each one overrides; a flag left out keeps the model folder's setting.
+ENGINE_FLAGS = {
+    "ngram_weight": "ngram_weight",
+    "cache_weight": "cache_weight",
+    "cache_bigram_weight": "cache_bigram_weight",
+    "banned": "banned_words",
+    "k": "suggestions",
+}
 
-    return EngineParams(ngram_weight=args.ngram_weight, cache_weight=args.cache_weight,
-                        cache_bigram_weight=args.cache_bigram_weight,
-                        skip_rejected=not args.show_rejected, int8=not args.fp32)
+
+def engine_overrides(args) -> dict:
+    """The engine settings given on the command line, as overrides of the model folder's."""
+    overrides = {field: getattr(args, flag) for flag, field in ENGINE_FLAGS.items()
+                 if getattr(args, flag, None) is not None}
+    if args.show_rejected is not None:
+        overrides["skip_rejected"] = not args.show_rejected
+    if args.fp32:
+        overrides["int8"] = False
+    return overrides
 
 
 def weight(text: str) -> float:
@@ -67,7 +80,7 @@ def weight(text: str) -> float:
 def load_engine(args):
     from nextword.engine import Engine
 
-    return Engine.load(args.model, args.banned, engine_options(args))
+    return Engine.load(args.model, overrides=engine_overrides(args))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -75,9 +88,10 @@ def load_engine(args):
 
 def cmd_suggest(args) -> None:
     """Print the top-k next words (or completions of the partial last word), one per line with its probability."""
-    session = load_engine(args).session()
+    engine = load_engine(args)
+    session = engine.session()
     partial = session.type_text(args.speaker, args.text)
-    for suggestion in session.suggest(partial, args.k):
+    for suggestion in session.suggest(partial, engine.options.suggestions):
         print(f"{suggestion.word}\t{suggestion.probability:.4f}")
 
 
@@ -114,7 +128,7 @@ def cmd_evaluate(args) -> None:
 
     from nextword.keystrokes import conversations_from_table, simulate
     from nextword.metrics import evaluate
-    from nextword.model import load_model_dir
+    from nextword.modeldir import load_trained
     from nextword.text import tokenize
     from nextword.windows import cut_windows, split_stream
 
@@ -125,16 +139,16 @@ def cmd_evaluate(args) -> None:
     # Perplexity as the evaluate stage computes it, on the messages' stream cut into windows.
     messages = ((speaker, tokenize(text)) for conversation in conversations for speaker, text in conversation)
     stream = split_stream(messages, engine.vocab, engine.speaker_tags)
-    windows = cut_windows(stream, int(engine.config.get("window_length", 15)))
+    windows = cut_windows(stream, engine.config["window_length"])
     torch.set_num_threads(threads)
-    scores = evaluate(load_model_dir(args.model)[0], windows, engine.vocab)  # the LSTM alone, in float32
+    scores = evaluate(load_trained(args.model)[0], windows, engine.vocab)  # the LSTM alone, in float32
     torch.set_num_threads(1)  # latency is measured on one thread
-    keys = simulate(engine, conversations, k=3)
+    keys = simulate(engine, conversations, k=engine.options.suggestions)
 
     result = {
         "csv": str(args.csv),
         "model": str(args.model),
-        "engine": engine.options.model_dump(exclude={"ngram_order"}),
+        "engine": engine.options.model_dump(exclude={"ngram_order", "banned_words"}),
         "conversations": keys.conversations,
         "messages": keys.messages,
         "perplexity": scores["perplexity"],
@@ -148,7 +162,9 @@ def cmd_evaluate(args) -> None:
     print(f"{result['csv']}: {keys.conversations} conversations, {keys.messages} messages, {keys.words} words")
     print(f"perplexity      {scores['perplexity']:.2f} (the LSTM; nll {scores['nll']:.4f} over {scores['tokens']} tokens)")
     print(f"top-1 / top-3   {keys.top1:.3f} / {keys.top3:.3f}")
-    print(f"keystrokes      {keys.keystrokes} of {keys.keystrokes_without}: KSR {keys.ksr:.2%} (3 suggestions)")
+    print(f"keystrokes      {keys.keystrokes} of {keys.keystrokes_without}: KSR {keys.ksr:.2%} "
+          f"({engine.options.suggestions} suggestions); words passed over shown again "
+          f"{keys.ksr_show_rejected:.2%}, skipped {keys.ksr_skip_rejected:.2%}")
     print(f"latency         p50 {keys.latency_p50_ms:.3f} ms, p99 {keys.latency_p99_ms:.3f} ms per keystroke "
           f"({keys.latency_keystrokes} keystrokes, one thread; CPU time p50 {keys.cpu_p50_ms:.3f}, "
           f"p99 {keys.cpu_p99_ms:.3f} ms)")
@@ -158,7 +174,8 @@ def cmd_chat(args) -> None:
     """Type a conversation; suggestions show below the line as you type, Tab accepts the first."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise NextwordError("nextword chat needs a terminal")
-    run_chat(load_engine(args), args.speaker, args.k, alternate=not args.one_speaker)
+    engine = load_engine(args)
+    run_chat(engine, args.speaker, engine.options.suggestions, alternate=not args.one_speaker)
 
 
 def run_chat(engine, speaker: str, k: int, alternate: bool = True) -> None:
@@ -227,7 +244,7 @@ def cmd_serve(args) -> None:
     if not Path(args.model).is_dir():
         raise NextwordError(f"{args.model}: no such model folder; run the pipeline or pass --model")
     kwargs = {"log_path": args.log} if args.log else {}
-    serve(args.model, banned_words=args.banned, host=args.host, port=args.port, options=engine_options(args), **kwargs)
+    serve(args.model, host=args.host, port=args.port, overrides=engine_overrides(args), **kwargs)
 
 
 def cmd_params(args) -> None:
@@ -257,34 +274,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="nextword", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p, speaker=True):
-        from nextword.config import EngineParams
-
-        default = EngineParams()
+    def model_args(p, speaker=True, k=True):
         p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
-        p.add_argument("--banned", metavar="FILE", help="banned-word list, one word per line")
-        p.add_argument("--ngram-weight", type=weight, default=default.ngram_weight, metavar="W",
-                       help=f"weight of the model folder's n-gram in the mix (default {default.ngram_weight}; 0: off)")
-        p.add_argument("--cache-weight", type=weight, default=default.cache_weight, metavar="W",
-                       help=f"weight of the conversation's word cache (default {default.cache_weight}; 0: off)")
-        p.add_argument("--cache-bigram-weight", type=weight, default=default.cache_bigram_weight, metavar="W",
-                       help="weight of the words that followed the last word earlier in the conversation "
-                            f"(default {default.cache_bigram_weight}; 0: off)")
-        p.add_argument("--show-rejected", action="store_true",
-                       help="while typing (chat, evaluate, serve), show again the words already shown for this word")
-        p.add_argument("--fp32", action="store_true", help="float32 weights (default: int8, several times faster)")
+        engine = p.add_argument_group(
+            "engine settings", "each defaults to the setting the pipeline evaluated, stored in the model folder")
+        engine.add_argument("--banned", metavar="FILE", help="banned-word list, one word per line")
+        engine.add_argument("--ngram-weight", type=weight, metavar="W", help="weight of the n-gram in the mix (0: off)")
+        engine.add_argument("--cache-weight", type=weight, metavar="W", help="weight of the conversation's word cache")
+        engine.add_argument("--cache-bigram-weight", type=weight, metavar="W",
+                            help="weight of the words that followed the last word earlier in the conversation")
+        shown = engine.add_mutually_exclusive_group()
+        shown.add_argument("--show-rejected", dest="show_rejected", action="store_true", default=None,
+                           help="while typing (chat, evaluate, serve), show again the words already shown for this word")
+        shown.add_argument("--skip-rejected", dest="show_rejected", action="store_false",
+                           help="while typing, leave out the words already shown for this word")
+        engine.add_argument("--fp32", action="store_true", help="float32 weights instead of int8")
+        if k:
+            engine.add_argument("-k", type=positive_int, help="how many suggestions")
         if speaker:
-            p.add_argument("--speaker", choices=("user", "agent"), default="user")
+            p.add_argument("--speaker", choices=SPEAKERS, default="user")
 
     p = sub.add_parser("suggest", help="next-word suggestions for TEXT", description=cmd_suggest.__doc__)
     model_args(p)
-    p.add_argument("-k", type=positive_int, default=3, help="how many suggestions (default 3)")
     p.add_argument("text", metavar="TEXT",
                    help="the message typed so far; without a trailing space its last word is completed")
     p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser("complete", help="complete the line TEXT", description=cmd_complete.__doc__)
-    model_args(p)
+    model_args(p, k=False)
     p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="sample: below 1 sharper, above 1 flatter")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="sample: only the K most probable (0: all)")
@@ -307,7 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="type a conversation with suggestions; Tab accepts", description=cmd_chat.__doc__)
     model_args(p)
-    p.add_argument("-k", type=positive_int, default=3)
     p.add_argument("--one-speaker", action="store_true", help="every message from --speaker (default: alternate)")
     p.set_defaults(func=cmd_chat)
 

@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nextword.errors import NextwordError
 
-SPEAKERS = ("user", "agent")
+SPEAKERS = ("user", "agent")  # the two sides of a chat, in the order the CLI and the page offer them
+
+Speaker = Literal[SPEAKERS]
 
 
 class _Section(BaseModel):
@@ -24,8 +26,8 @@ class _Section(BaseModel):
 class SplitParams(_Section):
     """Fractions of conversations held out; the rest is train."""
 
-    val: float = Field(0.1, ge=0, lt=1)
-    test: float = Field(0.1, ge=0, lt=1)
+    val: float = Field(ge=0, lt=1)
+    test: float = Field(ge=0, lt=1)
 
     @model_validator(mode="after")
     def _leaves_train(self):
@@ -36,35 +38,35 @@ class SplitParams(_Section):
 
 class DataParams(_Section):
     csv: str = Field(min_length=1)
-    format: Literal["csv", "text"] = "csv"
-    split: SplitParams = SplitParams()
+    format: Literal["csv", "text"]
+    split: SplitParams
     # Rows without a conversation_id are grouped into blocks of this many
     # consecutive messages, each block one pseudo-conversation.
-    block_messages: int = Field(20, ge=1)
+    block_messages: int = Field(ge=1)
 
 
 class VocabParams(_Section):
-    min_freq: int = Field(1, ge=1)
-    max_size: int = Field(20000, ge=7)  # includes the six specials
+    min_freq: int = Field(ge=1)
+    max_size: int = Field(ge=7)  # includes the six specials
 
 
 class WindowParams(_Section):
     length: int = Field(ge=1)
-    speaker_tags: bool = True
+    speaker_tags: bool
 
 
 class ModelParams(_Section):
-    cell: Literal["lstm", "gru"] = "lstm"
+    cell: Literal["lstm", "gru"]
     embedding: int = Field(ge=1)
     hidden: int = Field(ge=1)
     layers: int = Field(ge=1)
     dropout: float = Field(ge=0, lt=1)
-    tie_weights: bool = False
-    adaptive_softmax: bool = False
-    cutoffs: list[int] = [2000, 8000]
-    div_value: float = Field(4.0, ge=1)  # each adaptive-softmax tail cluster's size is this times smaller
-    embedding_dropout: float = Field(0.0, ge=0, lt=1)  # drops whole words from the embedding
-    locked_dropout: bool = False  # one dropout mask per sequence, reused at every time step
+    tie_weights: bool
+    adaptive_softmax: bool
+    cutoffs: list[int]
+    div_value: float = Field(ge=1)  # each adaptive-softmax tail cluster's size is this times smaller
+    embedding_dropout: float = Field(ge=0, lt=1)  # drops whole words from the embedding
+    locked_dropout: bool  # one dropout mask per sequence, reused at every time step
 
     @field_validator("cutoffs")
     @classmethod
@@ -80,83 +82,97 @@ class ModelParams(_Section):
         return self
 
 
+class ModelConfig(ModelParams):
+    """What builds a :class:`nextword.model.LanguageModel`: the ``model`` params and the vocabulary size.
+
+    Saved as ``config.json`` in a model folder, so a folder rebuilds the same model.
+    """
+
+    vocab_size: int = Field(ge=1)
+
+
 class TrainParams(_Section):
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
     clip: float = Field(gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0)  # 0: torch's default for this machine
+    device: Literal["auto", "cpu", "cuda"]
+    threads: int = Field(ge=0)  # 0: torch's default for this machine
     # Stop after this many optimizer steps per epoch (0: the whole epoch);
     # used by the chat preset to fit a time budget, and by tests.
-    max_steps_per_epoch: int = Field(0, ge=0)
+    max_steps_per_epoch: int = Field(ge=0)
     # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU (fast where it has AVX512-BF16 or AMX).
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    processes: int = Field(1, ge=1)  # >1: the stage relaunches itself under torchrun with this many
-    lr_decay: float = Field(0.25, gt=0, le=1)  # multiply lr by this when val loss stops improving (1: off)
-    lr_patience: int = Field(0, ge=0)  # epochs without improvement before lr_decay applies
-    patience: int = Field(0, ge=0)  # early stopping: epochs without improvement before stopping (0: off)
+    precision: Literal["auto", "fp32", "bf16"]
+    processes: int = Field(ge=1)  # >1: the stage relaunches itself under torchrun with this many
+    lr_decay: float = Field(gt=0, le=1)  # multiply lr by this when val loss stops improving (1: off)
+    lr_patience: int = Field(ge=0)  # epochs without improvement before lr_decay applies
+    patience: int = Field(ge=0)  # early stopping: epochs without improvement before stopping (0: off)
 
 
 class EvaluateParams(_Section):
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(ge=1)
     # Keystroke simulation on the first N test conversations (0: all of them);
     # it types every character, so it is capped to keep `dvc repro` short.
-    ksr_conversations: int = Field(100, ge=0)
-    suggestions: int = Field(3, ge=1)
+    ksr_conversations: int = Field(ge=0)
 
 
 class EngineParams(_Section):
     """How the suggestion engine (:mod:`nextword.engine`) turns the model into suggestions.
 
-    These defaults are also what ``Engine.load`` uses without params (the CLI, the
-    web page, the MLflow model), so every way of using a model suggests alike.
+    The bundle stage writes them into the model folder (``engine.json``), and
+    every surface that loads the folder (the evaluate and sample stages, the
+    CLI, the web page, the MLflow model) reads them from there, so what is
+    served is what the pipeline evaluated; flags on the command line override them.
     """
 
-    # The train stage fits a Kneser-Ney n-gram of this order on the train split into the model
+    # The bundle stage fits a Kneser-Ney n-gram of this order on the train split into the model
     # folder (0: none); the engine mixes it into the LSTM's next-word distribution with ngram_weight.
-    ngram_order: int = Field(4, ge=0)
-    ngram_weight: float = Field(0.4, ge=0, lt=1)
+    ngram_order: int = Field(ge=0)
+    ngram_weight: float = Field(ge=0, lt=1)
     # A cache of the conversation so far: its words as a unigram mixed in with cache_weight, then the
     # words that followed the last token earlier in it, as a bigram, with cache_bigram_weight.
-    cache_weight: float = Field(0.05, ge=0, lt=1)
-    cache_bigram_weight: float = Field(0.05, ge=0, lt=1)
-    # While a word is typed, words already shown for it and passed over are not shown again.
-    skip_rejected: bool = True
-    int8: bool = True  # int8 weights for the model step (dynamic quantization): several times faster on CPU
+    cache_weight: float = Field(ge=0, lt=1)
+    cache_bigram_weight: float = Field(ge=0, lt=1)
+    suggestions: int = Field(ge=1, le=10)  # how many words the strip shows (the CLI's -k, the API's k)
+    # While a word is typed, leave out the words the strip showed for it at a shorter prefix. Off by
+    # default: it assumes a person who reads the strip after every letter, and so can hide the likeliest
+    # completion from one who types on without looking.
+    skip_rejected: bool
+    int8: bool  # int8 weights for the model step (dynamic quantization): faster on CPU
+    # Words never suggested nor completed, one per line; the bundle stage copies the list into the model folder.
+    banned_words: str | None
 
 
 class BaselineParams(_Section):
-    order: int = Field(4, ge=1)  # of the Kneser-Ney n-gram baseline
+    order: int = Field(ge=1)  # of the Kneser-Ney n-gram baseline
 
 
 class Prompt(_Section):
-    speaker: Literal["user", "agent"] = "user"
+    speaker: Speaker
     text: str
 
 
 class SampleParams(_Section):
     prompts: list[Prompt] = Field(min_length=1)
-    k: int = Field(5, ge=1)
-    max_words: int = Field(20, ge=1)
-    temperature: float = Field(0.8, gt=0)
-    top_k: int = Field(20, ge=1)
-    top_p: float = Field(0.9, gt=0, le=1)
-    beam_size: int = Field(4, ge=1)
-    banned_words: str | None = None
+    k: int = Field(ge=1)
+    max_words: int = Field(ge=1)
+    temperature: float = Field(gt=0)
+    top_k: int = Field(ge=1)
+    top_p: float = Field(gt=0, le=1)
+    beam_size: int = Field(ge=1)
 
 
 class Params(_Section):
-    preset: Literal["toy", "chat", "custom"] = "custom"
-    seed: int = 0
+    preset: Literal["toy", "chat", "custom"]
+    seed: int
     data: DataParams
-    vocab: VocabParams = VocabParams()
+    vocab: VocabParams
     window: WindowParams
     model: ModelParams
     train: TrainParams
-    evaluate: EvaluateParams = EvaluateParams()
-    baseline: BaselineParams = BaselineParams()
-    engine: EngineParams = EngineParams()
+    evaluate: EvaluateParams
+    baseline: BaselineParams
+    engine: EngineParams
     sample: SampleParams
 
 

@@ -14,9 +14,10 @@ from typing import Any, Callable
 import numpy as np
 
 Step = Callable[[int, Any], "tuple[np.ndarray, Any]"]
-# Every strategy but greedy samples; the names differ only in which knobs the caller usually sets.
-SAMPLING = ("sample", "temperature", "top_k", "top_p")
-STRATEGIES = ("greedy", *SAMPLING)
+# The one list of line-completion strategies (the CLI, the web API and the sample stage read it).
+# "sample" draws after temperature, then the top-k cut, then the top-p (nucleus) cut; each knob
+# at its neutral value (1, 0, 1) leaves the distribution as it is.
+STRATEGIES = ("greedy", "sample", "beam")
 
 
 def masked(log_probs: np.ndarray, blocked: np.ndarray) -> np.ndarray:
@@ -72,8 +73,8 @@ def choose(
     """Pick one token id from already-masked log-probabilities: the argmax, or a sample."""
     if strategy == "greedy":
         return int(np.argmax(log_probs))
-    if strategy not in SAMPLING:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)} or beam")
+    if strategy != "sample":
+        raise ValueError(f"choose takes greedy or sample, not {strategy!r}")
     candidates, probs = sampling_distribution(log_probs, temperature, top_k, top_p)
     return int(rng.choice(candidates, p=probs))
 
@@ -92,8 +93,8 @@ def sample_line(
     top_p: float = 1.0,
 ) -> list[int]:
     """Extend a line token by token until ``eos_id`` or ``max_tokens``; ``eos_id`` is not returned."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)} or beam")
+    if strategy not in ("greedy", "sample"):
+        raise ValueError(f"sample_line takes greedy or sample, not {strategy!r}; beam search is beam_search")
     rng = rng or np.random.default_rng(0)
     out: list[int] = []
     for _ in range(max_tokens):

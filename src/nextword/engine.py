@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
-import pickle
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,28 +41,11 @@ import torch
 from nextword import decoding
 from nextword.config import EngineParams
 from nextword.errors import NextwordError
-from nextword.model import load_model_dir
+from nextword.modeldir import load_servable, read_banned_words
 from nextword.ngram import KneserNey
 from nextword.text import PUNCTUATION, is_word, tokenize
-from nextword.vocab import BOS, EOS, SPEAKER_TAG
-
-
-NGRAM_FILE = "ngram.npz"  # in a model folder, beside weights.pt
-
-
-def read_banned_words(path: str | Path | None) -> set[str]:
-    """One word per line; blank lines and lines starting with # are ignored."""
-    if not path:
-        return set()
-    path = Path(path)
-    if not path.is_file():
-        raise NextwordError(f"{path}: banned-word list not found")
-    words = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip().lower()
-        if line and not line.startswith("#"):
-            words.update(tokenize(line))
-    return words
+from nextword.vocab import EOS, SPEAKER_TAG
+from nextword.windows import MESSAGE_END, message_head
 
 
 def quantize_int8(model):
@@ -93,8 +74,8 @@ class Suggestion:
 class Engine:
     """A loaded model plus everything precomputed for fast lookups."""
 
-    def __init__(self, model, vocab, config: dict, banned: set[str] = frozenset(), ngram: KneserNey | None = None,
-                 options: EngineParams = EngineParams()):
+    def __init__(self, model, vocab, config: dict, banned: set[str], ngram: KneserNey | None,
+                 options: EngineParams):
         self.model = model.eval()
         self.vocab = vocab
         self.config = config
@@ -104,7 +85,7 @@ class Engine:
             raise NextwordError(f"the n-gram has {self.ngram.vocab_size} ids, the vocabulary {len(vocab)}")
         # How many committed ids a session keeps: the n-gram's context.
         self.history = self.ngram.order - 1 if self.ngram is not None else 0
-        self.speaker_tags = config.get("speaker_tags", True)
+        self.speaker_tags = config["speaker_tags"]
         suggestable = np.array([is_word(t) and t not in banned for t in vocab.tokens], dtype=bool)
         self.blocked_suggest = ~suggestable
         self.blocked_ids = np.flatnonzero(self.blocked_suggest)
@@ -119,22 +100,18 @@ class Engine:
         self.sorted_ids = np.array([i for _, i in words], dtype=np.int64)
 
     @classmethod
-    def load(cls, model_dir: str | Path, banned_words: str | Path | None = None,
-             options: EngineParams | None = None) -> "Engine":
-        """Load a model folder (and its ``ngram.npz``, if there is one) with ``options`` (default: EngineParams())."""
-        options = options or EngineParams()
+    def load(cls, model_dir: str | Path, options: EngineParams | None = None,
+             overrides: dict | None = None) -> "Engine":
+        """Load a servable model folder with the engine settings it was evaluated with.
+
+        ``options`` replaces those settings whole; ``overrides`` changes single ones (the CLI's flags).
+        """
         torch.set_num_threads(1)  # one step of a small model: threads cost more than they give
-        banned = read_banned_words(banned_words)
-        ngram_path = Path(model_dir) / NGRAM_FILE
-        try:
-            model, vocab, config = load_model_dir(model_dir)
-            ngram = KneserNey.load(ngram_path) if options.ngram_weight > 0 and ngram_path.is_file() else None
-        except (pickle.UnpicklingError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, EOFError,
-                ValueError, OSError) as err:
-            # weights_only loading refuses anything but tensors; a mismatch or a bad file lands here too.
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise NextwordError(f"{model_dir}: cannot load the model folder: {first[:200]}") from None
-        return cls(quantize_int8(model) if options.int8 else model, vocab, config, banned, ngram, options)
+        servable = load_servable(model_dir, options, overrides)
+        options = servable.options
+        model = quantize_int8(servable.model) if options.int8 else servable.model
+        return cls(model, servable.vocab, servable.config, read_banned_words(options.banned_words), servable.ngram,
+                   options)
 
     @property
     def caching(self) -> bool:
@@ -310,13 +287,12 @@ class Session:
             raise NextwordError(f"speaker {speaker!r} is not 'user' or 'agent'")
         if self.in_message:
             self.end_message()
-        if self.engine.speaker_tags:
-            self.feed(SPEAKER_TAG[speaker])
-        self.feed(BOS)
+        for token in message_head(speaker, self.engine.speaker_tags):
+            self.feed(token)
         self.in_message = True
 
     def end_message(self) -> None:
-        self.feed(EOS)
+        self.feed(MESSAGE_END)
         self.in_message = False
 
     def add_message(self, speaker: str, text: str) -> None:
@@ -390,11 +366,13 @@ class Session:
             dist.sorted_scores = sorted_scores  # last: another thread may read it as soon as it is set
         return dist
 
-    def suggest(self, prefix: str = "", k: int = 3, typing: bool = False) -> list[Suggestion]:
+    def suggest(self, prefix: str = "", k: int = 3, typing: bool = False,
+                skip_rejected: bool | None = None) -> list[Suggestion]:
         """Top-k words that start with ``prefix``, from the current distribution (no model work).
 
-        Probabilities are renormalised over the suggestable words (no specials,
-        punctuation or banned words). Ties go to the more frequent word.
+        A probability is that of the word given what was typed: renormalised
+        over the suggestable words (no specials, punctuation or banned words)
+        that start with ``prefix``. Ties go to the more frequent word.
 
         ``typing`` asks for the suggestion strip of someone typing the word
         letter by letter, who saw the strip at every shorter prefix. With the
@@ -403,11 +381,13 @@ class Session:
         earlier calls, so the result depends only on the conversation and the
         text typed (the web API stays stateless); each prefix is computed once
         per position. Without ``typing`` (a one-off query: the CLI's
-        ``suggest``, the MLflow model) nothing is left out.
+        ``suggest``, the MLflow model) nothing is left out. ``skip_rejected``
+        overrides the engine's setting (the keystroke simulation scores both).
         """
         dist = self._distribution()
         prefix = prefix.lower()
-        if not (typing and self.engine.options.skip_rejected):
+        skip = self.engine.options.skip_rejected if skip_rejected is None else skip_rejected
+        if not (typing and skip):
             return self._top(dist, prefix, k, frozenset())
         rejected: set[str] = set()
         for end in range(len(prefix) + 1):
@@ -434,6 +414,10 @@ class Session:
         ids = engine.sorted_ids[lo:hi]
         top = top[np.lexsort((ids[top], -scores[top]))]
         words, log_total = engine.sorted_words, dist.log_total
+        if prefix:  # the probability given the letters typed: over the words that start with them
+            wide = scores.astype(np.float64)
+            peak = wide.max()
+            log_total = float(peak + np.log(np.exp(wide - peak).sum()))
         return [Suggestion(words[lo + i], float(np.exp(float(scores[i]) - log_total)))
                 for i in top if words[lo + i] not in rejected][:k]
 
@@ -442,6 +426,7 @@ class Session:
                  prefix: str = "") -> list[str]:
         """Continue the current message until <EOS> or ``max_words`` tokens; the session is not advanced.
 
+        ``strategy`` is one of :data:`nextword.decoding.STRATEGIES`.
         With a ``prefix`` (a partly typed word) the first token is a word that
         starts with it, chosen by the same strategy (greedily for beam search).
         """

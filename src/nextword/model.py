@@ -23,41 +23,14 @@ smaller tail clusters that are computed only for their own targets.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextword.config import ModelConfig
 from nextword.vocab import PAD_ID
 
 State = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    embedding: int
-    hidden: int
-    layers: int
-    dropout: float
-    cell: str = "lstm"
-    tie_weights: bool = False
-    adaptive_softmax: bool = False
-    cutoffs: tuple[int, ...] = (2000, 8000)
-    div_value: float = 4.0
-    embedding_dropout: float = 0.0
-    locked_dropout: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        if "cutoffs" in d:
-            d["cutoffs"] = tuple(d["cutoffs"])
-        return cls(**d)
 
 
 def dropout(x: torch.Tensor, p: float, locked: bool, training: bool) -> torch.Tensor:
@@ -222,39 +195,3 @@ def count_flops_per_token(config: ModelConfig) -> int:
     else:
         macs += out_dim * c.vocab_size
     return 6 * macs
-
-
-def save_model_dir(path, model: LanguageModel, vocab, extra: dict, ngram=None) -> None:
-    """A model folder: ``weights.pt`` (a state dict), ``vocab.json`` and ``config.json``; nothing pickled.
-
-    ``ngram``, a :class:`nextword.ngram.KneserNey` that the suggestion engine mixes in,
-    goes beside them as ``ngram.npz`` (plain arrays).
-    """
-    from nextword.files import atomic_path, write_json
-
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
-        vocab.save(tmp / "vocab.json")
-        write_json(tmp / "config.json", {"model": model.config.to_dict(), **extra})
-        if ngram is not None:
-            ngram.save(tmp / "ngram.npz")
-
-
-def load_model_dir(path, device="cpu"):
-    """Load a model folder written by :func:`save_model_dir`: (model in eval mode, vocab, config dict)."""
-    from pathlib import Path
-
-    from nextword.errors import NextwordError
-    from nextword.files import read_json
-    from nextword.vocab import Vocab
-
-    path = Path(path)
-    for name in ("weights.pt", "vocab.json", "config.json"):
-        if not (path / name).exists():
-            raise NextwordError(f"{path}: not a model folder (no {name}); run the pipeline or pass --model")
-    config = read_json(path / "config.json")
-    model = LanguageModel(ModelConfig.from_dict(config["model"]))
-    model.load_state_dict(torch.load(path / "weights.pt", map_location=device, weights_only=True))
-    model.to(device).eval()
-    return model, Vocab.load(path / "vocab.json"), config

@@ -6,9 +6,10 @@ trailing space its last word is completed), an optional ``speaker`` column
 (default 3). Output: one row per input row with ``suggestions`` (words, most
 probable first) and ``probabilities``.
 
-The model folder (weights as a state dict, vocabulary and config as JSON) is
-stored as an artifact and loaded with :meth:`Engine.load` in
-``load_context``. Nothing is pickled: the model is logged as code (MLflow's
+The servable model folder (weights as a state dict, vocabulary and config as
+JSON, and the engine settings, n-gram and banned words the pipeline evaluated
+with) is stored as an artifact and loaded with :meth:`Engine.load` in
+``load_context``, so the MLflow model suggests exactly as the evaluated engine. Nothing is pickled: the model is logged as code (MLflow's
 "models from code"), this file being the code, with the ``nextword`` package
 shipped beside it.
 """
@@ -44,7 +45,7 @@ class Suggester(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from nextword.engine import Engine
 
-        self.engine = Engine.load(context.artifacts["model"], context.artifacts.get("banned_words"))
+        self.engine = Engine.load(context.artifacts["model"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         rows = []
@@ -59,18 +60,15 @@ class Suggester(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["suggestions", "probabilities"])
 
 
-def log_model(model_dir: str | Path, banned_words: str | Path | None = None, name: str = "suggester"):
-    """Log the engine over ``model_dir`` as a pyfunc model into the active MLflow run; return its ModelInfo."""
+def log_model(model_dir: str | Path, name: str = "suggester"):
+    """Log the engine over the servable ``model_dir`` as a pyfunc model into the active MLflow run."""
     import numpy
     import torch
 
-    artifacts = {"model": str(model_dir)}
-    if banned_words:
-        artifacts["banned_words"] = str(banned_words)
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=__file__,  # models from code: this file, run at load time, sets the model
-        artifacts=artifacts,
+        artifacts={"model": str(model_dir)},
         code_paths=[str(Path(nextword.__file__).parent)],
         signature=SIGNATURE,
         input_example=pd.DataFrame({"text": ["hi , how are "], "speaker": ["user"], "k": [DEFAULT_K]}),

@@ -10,10 +10,16 @@ stops improving (``ReduceLROnPlateau``), and training stops early after
 
 Resuming: a checkpoint is written after every epoch (model, optimizer,
 scheduler, history, best weights, and every rank's torch/numpy/python RNG
-state). A killed run started again with the same params and data resumes
-from its last finished epoch and ends with the same weights and metrics as
-an uninterrupted run. ``epochs`` and ``threads`` are left out of the match,
-so raising ``epochs`` continues a finished run.
+state, all as tensors and plain values so that it loads with
+``weights_only=True``). It exists only to finish an *interrupted* run: its
+fingerprint covers the code of this package and of the stage script, every
+training param but ``threads``, the seed, the world size and the data, and the
+train stage deletes it once the model is written. So a killed run started again
+with the same code, params and data resumes from its last finished epoch and
+ends with the same weights and metrics as an uninterrupted run, while any
+change that makes DVC rerun training (code, params, data, ``dvc repro -f``)
+trains from scratch. A damaged checkpoint is reported in one line, set aside
+as ``<name>.damaged``, and the run starts over.
 
 Device: ``device: auto`` picks CUDA when present; ``precision: auto`` then
 trains under bf16 autocast where the GPU supports bf16 (fp32 master weights,
@@ -87,8 +93,8 @@ from nextword.windows import lanes
 log = logging.getLogger(__name__)
 
 # Params that do not change what training computes: a checkpoint made under
-# other values of these is still resumed.
-NOT_FINGERPRINTED = {"epochs", "threads", "processes"}
+# other values of these is still resumed (the world size is fingerprinted itself).
+NOT_FINGERPRINTED = {"threads", "processes"}
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -150,8 +156,26 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+def code_fingerprint() -> str:
+    """A hash of the code that trains: every module of this package, and the script that was run."""
+    files = sorted(Path(__file__).parent.rglob("*.py"))
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main and Path(main).is_file():
+        files.append(Path(main))
+    return fingerprint(*(p.read_bytes() for p in files))
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain values (a checkpoint loads with ``weights_only``)."""
+    numpy_state = np.random.get_state(legacy=False)
+    version, python_state, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                  "gauss": float(numpy_state["gauss"])},
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -159,10 +183,36 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint(path: Path, key: str) -> dict | None:
+    """The checkpoint at ``path`` if it belongs to this run (fingerprint ``key``); None otherwise.
+
+    A file that cannot be read is moved aside, so the run starts over and the file can still be looked at.
+    """
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        found = saved["fingerprint"]
+    except Exception as err:  # a truncated or foreign file fails in many ways, all of which mean "damaged"
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        log.warning("%s: damaged checkpoint (%s); moved to %s, training starts over", path, reason, aside)
+        return None
+    if found != key:
+        log.info("ignoring %s: it belongs to other code, params or data", path)
+        return None
+    return saved
 
 
 class _WithLoss(nn.Module):
@@ -243,18 +293,10 @@ def train(
     data = torch.from_numpy(np.ascontiguousarray(all_lanes[:steps, my_lanes])).to(device)
 
     settings = params.model_dump(exclude=NOT_FINGERPRINTED)
-    key = fingerprint(model.config, settings, seed, world, train_windows, val_windows)
+    key = fingerprint(code_fingerprint(), model.config, settings, seed, world, train_windows, val_windows)
     result = TrainResult()
     start_epoch = 1
-    saved = None
-    if rank == 0 and checkpoint and Path(checkpoint).exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") != key:
-            log.info("ignoring %s: it belongs to other params or data", checkpoint)
-            saved = None
-        elif saved["epoch"] > params.epochs:
-            log.info("ignoring %s: it is past epoch %d", checkpoint, params.epochs)
-            saved = None
+    saved = read_checkpoint(Path(checkpoint), key) if rank == 0 and checkpoint else None
     saved = _from_rank0(saved, world)
     if saved is not None:
         model.load_state_dict(saved["model"])

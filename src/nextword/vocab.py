@@ -8,11 +8,12 @@ from typing import Iterable
 
 import numpy as np
 
+from nextword.config import SPEAKERS
 from nextword.files import read_json, write_json
 
 PAD, UNK, BOS, EOS, USER, AGENT = "<PAD>", "<UNK>", "<BOS>", "<EOS>", "<USER>", "<AGENT>"
 SPECIALS = (PAD, UNK, BOS, EOS, USER, AGENT)
-SPEAKER_TAG = {"user": USER, "agent": AGENT}
+SPEAKER_TAG = dict(zip(SPEAKERS, (USER, AGENT)))
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 

@@ -19,9 +19,19 @@ import numpy as np
 from nextword.vocab import BOS, EOS, PAD_ID, SPEAKER_TAG, Vocab
 
 
+# The layout of one message, the one place it is written: training streams, the engine's sessions and
+# the web server's session keys all build messages from these.
+MESSAGE_END = EOS
+
+
+def message_head(speaker: str, speaker_tags: bool) -> list[str]:
+    """The tokens that open a message: its speaker's tag (when tags are on), then ``<BOS>``."""
+    return [SPEAKER_TAG[speaker], BOS] if speaker_tags else [BOS]
+
+
 def message_tokens(speaker: str, tokens: Sequence[str], speaker_tags: bool) -> list[str]:
-    head = [SPEAKER_TAG[speaker], BOS] if speaker_tags else [BOS]
-    return head + list(tokens) + [EOS]
+    """A whole message: ``<TAG> <BOS> tokens <EOS>``."""
+    return message_head(speaker, speaker_tags) + list(tokens) + [MESSAGE_END]
 
 
 def split_stream(messages: Iterable[tuple[str, Sequence[str]]], vocab: Vocab, speaker_tags: bool) -> np.ndarray:

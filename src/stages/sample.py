@@ -1,17 +1,22 @@
-"""Stage 7: next-word suggestions and completed lines for the prompts in params."""
+"""Stage 8: next-word suggestions and completed lines for the prompts in params, from the servable model folder."""
 
-from nextword import stage, tracking
+from nextword import stage
 from nextword.engine import Engine
 from nextword.files import write_text
 from nextword.text import detokenize
 
-STRATEGIES = ("greedy", "temperature", "top_k", "top_p", "beam")
-
 
 def main(args, params):
-    tracking.connect()
     s = params.sample
-    engine = Engine.load(args.model, args.banned, params.engine)
+    engine = Engine.load(args.model)
+    # (label, strategy, knobs): each sampling knob on its own, so the report shows what each one does.
+    rows = [
+        ("greedy", "greedy", {}),
+        (f"sample, temperature {s.temperature}", "sample", {"temperature": s.temperature}),
+        (f"sample, top-k {s.top_k}", "sample", {"top_k": s.top_k}),
+        (f"sample, top-p {s.top_p}", "sample", {"top_p": s.top_p}),
+        (f"beam, {s.beam_size} beams", "beam", {"beam_size": s.beam_size}),
+    ]
     lines = ["# Samples", ""]
     for number, prompt in enumerate(s.prompts, 1):
         session = engine.session()
@@ -19,18 +24,14 @@ def main(args, params):
         lines += [f"## {number}. {prompt.speaker}: {prompt.text!r}", "", f"Next word (top {s.k}):", ""]
         lines += [f"- {x.word} ({x.probability:.3f})" for x in session.suggest(partial, s.k)]
         lines += ["", "Completions:", ""]
-        for strategy in STRATEGIES:
-            words = session.complete(strategy, s.max_words, s.temperature, s.top_k if strategy == "top_k" else 0,
-                                     s.top_p if strategy == "top_p" else 1.0, s.beam_size, seed=params.seed + number,
-                                     prefix=partial)
-            typed = prompt.text[: len(prompt.text) - len(partial)] if partial else prompt.text.rstrip() + " "
-            lines.append(f"- {strategy}: {typed}**{detokenize(words)}**")
+        typed = prompt.text[: len(prompt.text) - len(partial)] if partial else prompt.text.rstrip() + " "
+        for label, strategy, knobs in rows:
+            words = session.complete(strategy, s.max_words, seed=params.seed + number, prefix=partial, **knobs)
+            lines.append(f"- {label}: {typed}**{detokenize(words)}**")
         lines.append("")
     write_text(args.out, "\n".join(lines))
-    with tracking.resume_run(args.run) as mlflow:
-        mlflow.log_artifact(args.out, "reports")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    stage.run(main, "model", "banned", "run", "out", description=__doc__)
+    stage.run(main, "model", "out", description=__doc__)

@@ -1,4 +1,8 @@
-"""Stage 5: train the language model; log params and per-epoch metrics to a new MLflow run.
+"""Stage 5: train the language model into the trained model folder; log params and curves to a new MLflow run.
+
+The checkpoint serves only to finish an interrupted run (see ``nextword.training``):
+it is deleted once the model is written, so whenever DVC reruns this stage it
+trains from scratch.
 
 With ``train.processes`` > 1, or ``PET_NNODES`` set for several machines, the
 stage relaunches itself under torchrun's launcher (see ``nextword.training``);
@@ -9,16 +13,16 @@ import csv
 import io
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from nextword import stage, tracking
-from nextword.config import flatten
+from nextword.config import ModelConfig
 from nextword.errors import NextwordError
 from nextword.files import write_text
-from nextword.model import LanguageModel, ModelConfig, save_model_dir
-from nextword.ngram import KneserNey, stream_from_windows
-from nextword.pyfunc import log_model
+from nextword.model import LanguageModel
+from nextword.modeldir import save_trained
 from nextword.training import finish_distributed, init_distributed, seed_everything, train
 from nextword.vocab import Vocab
 
@@ -61,42 +65,30 @@ def main(args, params):
     for split, key in (("train", "data.split"), ("val", "data.split.val")):
         if len(windows[split]) == 0:
             raise NextwordError(f"the {split} split has no windows; check {key} and the data")
-    model = LanguageModel(ModelConfig.from_dict({"vocab_size": len(vocab), **params.model.model_dump()}))
+    model = LanguageModel(ModelConfig(vocab_size=len(vocab), **params.model.model_dump()))
     if rank:
         train(model, windows["train"], windows["val"], vocab, params.train, params.evaluate.batch_size, params.seed)
         finish_distributed()
         return
-    with tracking.new_run(flatten(params)) as (mlflow, run_id):
-        def log_epoch(row):
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-
+    with tracking.training_run(params) as run:
         result = train(model, windows["train"], windows["val"], vocab, params.train, params.evaluate.batch_size,
-                       params.seed, checkpoint=args.checkpoint, on_epoch=log_epoch)
+                       params.seed, checkpoint=args.checkpoint, on_epoch=run.log_epoch)
         finish_distributed()
-        model.cpu()
-        # The suggestion engine's n-gram, counted on the same train split (seconds).
-        order = params.engine.ngram_order
-        ngram = KneserNey.fit(stream_from_windows(windows["train"]), len(vocab), order) if order else None
-        save_model_dir(args.model, model, vocab, {
+        save_trained(args.model, model.cpu(), vocab, {
             "speaker_tags": params.window.speaker_tags,
             "window_length": params.window.length,
             "best_epoch": result.best_epoch,
-            "ngram_order": order,
-        }, ngram)
+        })
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(result.history[0]))
         writer.writeheader()
         writer.writerows(result.history)
         write_text(args.curves, out.getvalue())
-        mlflow.log_metric("best_epoch", result.best_epoch)
-        mlflow.log_artifacts(args.model, "model")
-        mlflow.log_artifact(args.curves, "plots")
-        # The servable model (`mlflow models serve -m runs:/<id>/suggester`) carries the banned-word
-        # list: a list change reruns this stage, which then resumes its finished checkpoint and trains nothing.
-        log_model(args.model, args.banned, name="suggester")
-        tracking.write_run_file(args.run, run_id)
+        run.log_metrics({"best_epoch": result.best_epoch})
+        tracking.write_run_file(args.run, run.run_id)
+    Path(args.checkpoint).unlink(missing_ok=True)  # finished: a rerun of this stage trains from scratch
     print(f"{args.model}: best epoch {result.best_epoch} of {len(result.history)}")
 
 
 if __name__ == "__main__":
-    stage.run(main, "vocab", "windows", "banned", "model", "checkpoint", "curves", "run", description=__doc__)
+    stage.run(main, "vocab", "windows", "model", "checkpoint", "curves", "run", description=__doc__)

@@ -93,7 +93,8 @@ function render(suggestions) {
     label.textContent = s.word;
     const probability = document.createElement("span");
     probability.className = "probability";
-    probability.textContent = `${(100 * s.probability).toFixed(s.probability < 0.1 ? 1 : 0)}%`;
+    // The probability of the word given the letters typed; below half a percent a number says nothing.
+    probability.textContent = s.probability >= 0.005 ? `${Math.round(100 * s.probability)}%` : "";
     chip.append(label, probability);
     if (i === 0) {
       const key = document.createElement("kbd");
