@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nextword.config import SPEAKERS
 from nextword.errors import NextwordError
 from nextword.text import tokenize
 
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["conversation_id", "turn", "speaker", "text", "split"]
 SPLITS = ("train", "val", "test")
-SPEAKERS = ("user", "agent")
+
 
 # What the CSV parser (pandas' C engine) ends a line with.
 LINE_BREAK = r"\r\n|\r|\n"
