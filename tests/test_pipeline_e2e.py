@@ -125,6 +125,8 @@ def test_repro_then_experiments_then_param_changes(project):
     assert dvc("status").stdout.strip().endswith("up to date.")
     project.run("git", "add", "-A")
     project.run("git", "commit", "-qm", "toy results")
+    nextword = lambda *args, **kw: project.run(sys.executable, "-m", "nextword.cli", *args, **kw)  # noqa: E731
+    assert nextword("promote").stdout.startswith("nextword version 1 is now @champion (there was none)")
 
     # an experiment with two layers: data stages are cached, the model and what follows rerun
     exp = dvc("exp", "run", "-n", "two-layers", "-S", "corpus=toy", "-S", "model.layers=2")
@@ -141,9 +143,16 @@ def test_repro_then_experiments_then_param_changes(project):
                 layers[p["model"]["layers"]] = m["test"]["perplexity"]
     assert set(layers) == {1, 2}, shown
 
+    nextword("promote", check=False)  # promoted or not, as its KSR says; the next one is decided below
+
     # only sample.temperature changes: only `sample` reruns, then the run is logged
     set_params(repo, **{"sample.temperature": 0.5})
     assert stages_run(dvc("repro").stdout) == ["sample", "track"]
+    # the same model and engine as version 2, so the same KSR: never a promotion, and the champion stays
+    champion = mlflow_client(repo).get_model_version_by_alias("nextword", "champion").version
+    refused = nextword("promote", check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: not promoted: version 3 (@challenger)")
+    assert mlflow_client(repo).get_model_version_by_alias("nextword", "champion").version == champion
     # an engine setting reruns what serves (bundle, evaluate, sample), not the training
     set_params(repo, **{"engine.cache_weight": 0.0})
     assert sorted(stages_run(dvc("repro").stdout)) == ["bundle", "evaluate", "sample", "track"]
@@ -153,8 +162,15 @@ def test_repro_then_experiments_then_param_changes(project):
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert len({r.info.run_name for r in runs}) == 4  # a plain `dvc repro` gets a name of its own too
     client = mlflow_client(repo)
+    experiment = client.get_experiment_by_name("nextword")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs
     for run in runs:
         assert run.data.params["preset"] == "toy" and run.data.params["window.length"] == "5"
+        assert re.fullmatch(r"[0-9a-f]{40}", run.data.tags["git_commit"])
+        # what it trained on, as dataset inputs named by path, with DVC's hashes as digests
+        inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+        assert {"data/processed/vocab.json", "data/processed/windows", "data/interim/messages.parquet"} <= set(inputs)
+        assert all(re.fullmatch(r"[0-9a-f]{32}(\.dir)?", digest) for digest in inputs.values()), inputs
         history = client.get_metric_history(run.info.run_id, "val_perplexity")
         assert [m.step for m in history] == list(range(1, 31))
         assert {"lstm_test_perplexity", "lstm_test_top3", "baseline_test_perplexity",
@@ -166,6 +182,12 @@ def test_repro_then_experiments_then_param_changes(project):
     assert by_name["two-layers"].data.metrics["lstm_test_perplexity"] == pytest.approx(layers[2])
     plain_repro = [r for r in runs if r.info.run_name.startswith("toy-")]
     assert len(plain_repro) == 3  # the first repro and the two param changes after the experiment
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    latest_inputs = {i.dataset.name: i.dataset.digest for i in client.get_run(
+        json.loads((repo / "reports/mlflow.json").read_text())["run_id"]).inputs.dataset_inputs}
+    for dep in lock["train"]["deps"]:
+        if not dep["path"].startswith("src/"):
+            assert latest_inputs[dep["path"]] == dep["md5"], dep
     # the run of the last change holds its params and the KSR measured with them; the others keep theirs
     last = json.loads((repo / "reports/mlflow.json").read_text())
     latest = client.get_run(last["run_id"])
@@ -244,7 +266,7 @@ def test_a_code_change_retrains_from_scratch(project):
         assert "resuming" not in out.stdout + out.stderr
         after = curves(repo)
         assert len(after) == len(before) and after[0] != before[0]  # the first epoch itself was trained anew
-        forced = project.dvc("repro", "-f", "train")
+        forced = project.dvc("repro", "-f", "-s", "train")
         assert "resuming" not in forced.stdout + forced.stderr
         assert curves(repo) == after  # from scratch again, and the same code, params and seed give the same
     finally:
@@ -272,6 +294,9 @@ def test_a_pulled_pipeline_is_up_to_date_and_serves_without_training(project, tm
 
 def test_queued_experiments_with_two_workers_all_land_in_a_fresh_store(tmp_path):
     project = make_project(tmp_path / "queue")
+    # The data stages touch no MLflow store: run once here, each experiment takes them from DVC's run cache.
+    project.dvc("repro", "fetch_chitchat", "window")
+    assert not (project.path / "mlflow.db").exists()
     seeds = (1, 2, 3, 4)
     for seed in seeds:
         project.dvc("exp", "run", "--queue", "-S", "corpus=toy", "-S", f"seed={seed}")

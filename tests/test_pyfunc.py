@@ -1,4 +1,4 @@
-"""The MLflow pyfunc model: logged into a real sqlite store, loaded back, and served over HTTP."""
+"""The MLflow pyfunc model: logged into a real sqlite store, registered, promoted, loaded back, served over HTTP."""
 
 from __future__ import annotations
 
@@ -19,18 +19,25 @@ mlflow = pytest.importorskip("mlflow")
 
 from conftest import ENGINE, save_servable  # noqa: E402
 from nextword.modeldir import load_trained  # noqa: E402
+from nextword.errors import NextwordError  # noqa: E402
 from nextword.pyfunc import log_model  # noqa: E402
+from nextword.tracking import Run, promote, register, resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, tiny_model_dir):
-    """(tracking URI, run id) of a run holding the tiny model as ``suggester``, with "are" banned."""
+    """(tracking URI, run id) of a run holding the tiny model as ``suggester``, with "are" banned.
+
+    The model is registered as version 1 of ``nextword``, the ``@champion``, as the pipeline's track
+    stage and ``nextword promote`` leave it.
+    """
     from mlflow.tracking._tracking_service import utils
 
     store = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{store}/mlflow.db"
     previous_uri, previous_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # what nextword.tracking reads
     try:
         experiment = mlflow.create_experiment("suggester", artifact_location=(store / "artifacts").as_uri())
         banned = store / "banned.txt"
@@ -39,7 +46,9 @@ def logged_run(tmp_path_factory, tiny_model_dir):
         folder = store / "model"
         save_servable(folder, model, vocab, config, options=ENGINE.model_copy(update={"banned_words": str(banned)}))
         with mlflow.start_run(experiment_id=experiment) as run:
-            log_model(folder)
+            info = log_model(folder)
+            register(Run(mlflow, run.info.run_id), info.model_uri, {"ksr": 0.5, "ksr_words": 100, "test_data": "a"})
+        assert promote() == "nextword version 1 is now @champion (there was none): test KSR 0.5000"
         yield uri, run.info.run_id
     finally:
         mlflow.set_tracking_uri(previous_uri)
@@ -83,7 +92,7 @@ def test_mlflow_models_serve_answers_over_http(logged_run, tmp_path):
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/suggester",
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/nextword@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -112,3 +121,36 @@ def test_mlflow_models_serve_answers_over_http(logged_run, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_promotion_needs_a_better_ksr_on_the_same_test_data(logged_run):
+    from mlflow import MlflowClient
+
+    uri, run_id = logged_run
+    client = MlflowClient(uri)
+    model_uri = client.get_model_version("nextword", "1").source
+
+    def challenger(**tags):
+        return register(Run(mlflow, run_id), model_uri, {"ksr": 0.5, "ksr_words": 100, "test_data": "a"} | tags)
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("nextword", "champion").version)
+
+    worse = challenger(ksr=0.4)
+    with pytest.raises(NextwordError, match=f"not promoted: version {worse} .* KSR 0.4000, not above version 1"):
+        promote()
+    assert champion() == "1"
+    elsewhere = challenger(ksr=0.9, test_data="b")
+    with pytest.raises(NextwordError, match="measured on different test data"):
+        promote()
+    assert champion() == "1"
+    better = challenger(ksr=0.6)
+    assert promote().startswith(f"nextword version {better} is now @champion from version 1")
+    assert promote(force=True) == f"nextword version {better} is already @champion"
+    challenger(ksr=0.1)
+    assert promote(force=True).endswith("(forced)") and champion() != better
+    # the registry's champion is a model folder for every command
+    assert (resolve_model("models:/nextword@champion") / "engine.json").is_file()
+    with pytest.raises(NextwordError, match="models:/nextword@nobody: cannot be loaded"):
+        resolve_model("models:/nextword@nobody")
+    assert elsewhere != better

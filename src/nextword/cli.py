@@ -1,4 +1,4 @@
-"""The ``nextword`` command line: suggest, complete, evaluate, chat, serve, and params."""
+"""The ``nextword`` command line: suggest, complete, evaluate, chat, serve, promote, and params."""
 
 from __future__ import annotations
 
@@ -267,6 +267,13 @@ def cmd_params(args) -> None:
     print(f"{args.out}: preset {args.preset}{' with ' + ' '.join(args.overrides) if args.overrides else ''}")
 
 
+def cmd_promote(args) -> None:
+    """Move @champion to @challenger when the challenger's test KSR beats the champion's on the same test data."""
+    from nextword.tracking import promote
+
+    print(promote(force=args.force))
+
+
 # ----------------------------------------------------------------------------- the parser
 
 
@@ -275,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p, speaker=True, k=True):
-        p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"model folder (default {DEFAULT_MODEL}), or a registered model such as "
+                            "models:/nextword@champion")
         engine = p.add_argument_group(
             "engine settings", "each defaults to the setting the pipeline evaluated, stored in the model folder")
         engine.add_argument("--banned", metavar="FILE", help="banned-word list, one word per line")
@@ -341,12 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", default="conf")
     p.add_argument("--out", default="params.yaml")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("promote", help="make the registry's @challenger the @champion if it is better",
+                       description=cmd_promote.__doc__)
+    p.add_argument("--force", action="store_true", help="promote even if it is not better")
+    p.set_defaults(func=cmd_promote)
     return parser
 
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "model", None):
+        from nextword.tracking import resolve_model
+
+        args.model = str(resolve_model(args.model))
     args.func(args)
 
 

@@ -61,7 +61,7 @@ class Suggester(mlflow.pyfunc.PythonModel):
 
 
 def log_model(model_dir: str | Path, name: str = "suggester"):
-    """Log the engine over the servable ``model_dir`` as a pyfunc model into the active MLflow run."""
+    """Log the engine over the servable ``model_dir`` as a pyfunc model into the active MLflow run; its ModelInfo."""
     import numpy
     import torch
 

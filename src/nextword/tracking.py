@@ -26,7 +26,17 @@ take turns, each for the milliseconds a write takes.
 
 Runs are named after the DVC experiment (``DVC_EXP_NAME``), and otherwise
 ``<preset>-<date>-<time>``; the name is chosen here, never drawn from a random
-generator that the training seed has fixed.
+generator that the training seed has fixed. Every final run records the git
+commit and, as MLflow dataset inputs, the data files the model trained and was
+evaluated on with their DVC hashes from ``dvc.lock``.
+
+The model registry: the track stage registers the servable model as a new
+version of the registered model ``nextword`` (linked to its run), points the
+alias ``@challenger`` at it and tags it with its test KSR, perplexity, commit
+and test data. ``nextword promote`` (:func:`promote`) moves ``@champion`` to the
+challenger only when the challenger's KSR beats the champion's on the same test
+data. Every command that takes ``--model`` also takes ``models:/nextword@champion``
+(:func:`resolve_model`).
 """
 
 from __future__ import annotations
@@ -47,8 +57,12 @@ from nextword.errors import NextwordError
 from nextword.files import read_json, write_json
 
 EXPERIMENT = "nextword"
+REGISTERED_MODEL = "nextword"
+CHALLENGER, CHAMPION = "challenger", "champion"
 PARAMS_HASH_TAG = "nextword.params_hash"
 TRAINING_RUN_TAG = "nextword.training_run"
+# The experiment page opens on its training runs, not on the GenAI traces view.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def project_root() -> Path:
@@ -92,7 +106,7 @@ def connect():
                 artifacts = None
                 if uri.startswith("sqlite:"):
                     artifacts = (project_root() / "mlartifacts").as_uri()
-                mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+                mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
             mlflow.set_experiment(EXPERIMENT)
     except Exception as err:  # MLflow raises many types for an unreachable store
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -175,3 +189,109 @@ def final_run(params: Params, run_file: str | Path) -> Iterator[tuple[Run, bool]
         with store_lock():
             mlflow.log_params(flatten(params))
         yield run, True
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The commit of the checkout a stage runs in ("unknown" outside git)."""
+    import subprocess
+
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or Path.cwd(), capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def lock_hashes(stage: str, lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """``{path: md5}`` of the data files a stage read, from DVC's lock file (code files left out)."""
+    import yaml
+
+    stages = yaml.safe_load(Path(lock_file).read_text(encoding="utf-8")).get("stages", {})
+    return {dep["path"]: dep.get("md5", "") for dep in stages.get(stage, {}).get("deps", [])
+            if not dep["path"].startswith("src/")}
+
+
+def log_data_inputs(run: Run, inputs: dict[str, dict[str, str]]) -> None:
+    """Each data file as an MLflow dataset input, its DVC hash as the digest; ``inputs``: context -> files."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    with store_lock():
+        for context, files in inputs.items():
+            for path, md5 in files.items():
+                dataset = MetaDataset(LocalArtifactDatasetSource(path), name=path, digest=md5[:36] or None)
+                run.mlflow.log_input(dataset, context=context)
+
+
+def register(run: Run, model_uri: str, tags: dict) -> str:
+    """Register ``model_uri`` as a new version of ``nextword`` from ``run``, make it ``@challenger``; its version."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    with store_lock():
+        version = run.mlflow.register_model(model_uri, REGISTERED_MODEL, tags={k: str(v) for k, v in tags.items()})
+        client.set_registered_model_alias(REGISTERED_MODEL, CHALLENGER, version.version)
+    return str(version.version)
+
+
+def resolve_model(model: str) -> Path:
+    """A model folder, or a registered model URI (``models:/nextword@champion``, ``runs:/<id>/suggester``).
+
+    A URI is downloaded from the tracking store; the servable folder is the pyfunc model's
+    ``model`` artifact.
+    """
+    if not model.startswith(("models:/", "runs:/")):
+        return Path(model)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+    except Exception as err:  # MLflow raises its own and the store's exceptions for an unknown name or alias
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NextwordError(f"{model}: cannot be loaded from {tracking_uri()}: {first[:200]}") from None
+    folder = local / "artifacts" / "model"
+    if not folder.is_dir():
+        raise NextwordError(f"{model}: not a nextword model (no artifacts/model in it)")
+    return folder
+
+
+def promote(force: bool = False) -> str:
+    """Move ``@champion`` to ``@challenger`` if its test KSR is higher on the same test data; say what happened.
+
+    Raises NextwordError, changing nothing, when the challenger does not beat the
+    champion or the two were measured on different test data (``force`` overrides both).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    connect()
+    client = MlflowClient(tracking_uri())
+    name = REGISTERED_MODEL
+
+    def by_alias(alias: str):
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    challenger, champion = by_alias(CHALLENGER), by_alias(CHAMPION)
+    if challenger is None:
+        raise NextwordError(f"no {name}@{CHALLENGER} in {tracking_uri()}; run the pipeline first")
+    new = challenger.tags
+    if champion is not None and champion.version == challenger.version:
+        return f"{name} version {challenger.version} is already @{CHAMPION}"
+    if champion is not None and not force:
+        old = champion.tags
+        if (old.get("test_data"), old.get("ksr_words")) != (new.get("test_data"), new.get("ksr_words")):
+            raise NextwordError(
+                f"not promoted: version {champion.version} (@{CHAMPION}) and version {challenger.version} "
+                f"(@{CHALLENGER}) were measured on different test data; evaluate both on the same split, "
+                "or use --force")
+        if float(new["ksr"]) <= float(old["ksr"]):
+            raise NextwordError(
+                f"not promoted: version {challenger.version} (@{CHALLENGER}) has test KSR {float(new['ksr']):.4f}, "
+                f"not above version {champion.version} (@{CHAMPION}) at {float(old['ksr']):.4f}; use --force to "
+                "promote it anyway")
+    with store_lock():
+        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+    before = f"from version {champion.version}" if champion is not None else "(there was none)"
+    return (f"{name} version {challenger.version} is now @{CHAMPION} {before}: test KSR {float(new['ksr']):.4f}"
+            + (" (forced)" if force else ""))
