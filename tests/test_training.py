@@ -87,11 +87,14 @@ def without_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
 
-def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tiny_data, tmp_path):
-    # The uninterrupted run and the run to be killed go side by side.
-    full = start(tiny_data, tmp_path / "full.pt", spec() | {"checkpoint": str(tmp_path / "full.ckpt")})
+@pytest.mark.parametrize("schedule", [{"schedule": "plateau"}, {"schedule": "cosine", "warmup_steps": 3}])
+def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tiny_data, tmp_path, schedule):
+    # The uninterrupted run and the run to be killed go side by side; with the cosine schedule the kill
+    # falls in the middle of it.
+    full = start(tiny_data, tmp_path / "full.pt", spec(**schedule) | {"checkpoint": str(tmp_path / "full.ckpt")})
     checkpoint = tmp_path / "killed.ckpt"
-    killed = start(tiny_data, tmp_path / "never.pt", spec() | {"checkpoint": str(checkpoint), "hang_after": 1})
+    killed = start(tiny_data, tmp_path / "never.pt",
+                   spec(**schedule) | {"checkpoint": str(checkpoint), "hang_after": 1})
     try:
         for line in killed.stdout:
             if line.startswith("finished epoch"):
@@ -103,7 +106,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tiny_data, tmp_pat
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 1  # tensors and plain values only
     assert not (tmp_path / "never.pt").exists()
 
-    resumed = finish(start(tiny_data, tmp_path / "resumed.pt", spec() | {"checkpoint": str(checkpoint)}),
+    resumed = finish(start(tiny_data, tmp_path / "resumed.pt", spec(**schedule) | {"checkpoint": str(checkpoint)}),
                      tmp_path / "resumed.pt")
     uninterrupted = finish(full, tmp_path / "full.pt")
     assert "resuming from" in resumed["log"]
@@ -256,3 +259,24 @@ def test_same_params_and_seed_give_the_same_metrics_and_weights(tiny_data):
     (history_a, weights_a), (history_b, weights_b) = runs
     assert history_a == history_b
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero_over_the_budget():
+    from nextword.training import schedules
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.003)
+    params = train_params(schedule="cosine", warmup_steps=4, epochs=3, lr=0.003)
+    plateau, per_step = schedules(optimizer, params, steps_per_epoch=10)
+    assert plateau is None
+    lrs = []
+    for _ in range(30):  # the budget: 3 epochs of 10 steps
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        per_step.step()
+    assert lrs[:4] == pytest.approx([0.003 * s / 4 for s in (1, 2, 3, 4)])  # linear warmup to the peak
+    assert lrs[4] == pytest.approx(0.003)  # the peak, then a half cosine
+    assert lrs[4 + 13] == pytest.approx(0.0015, rel=1e-3)  # half way through the decay
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.003 * 0.01
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # zero after the last step
+    assert schedules(optimizer, train_params(schedule="plateau", lr_decay=0.5), 10)[1] is None

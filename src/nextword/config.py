@@ -104,8 +104,12 @@ class TrainParams(_Section):
     # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU (fast where it has AVX512-BF16 or AMX).
     precision: Literal["auto", "fp32", "bf16"]
     processes: int = Field(ge=1)  # >1: the stage relaunches itself under torchrun with this many
-    lr_decay: float = Field(gt=0, le=1)  # multiply lr by this when val loss stops improving (1: off)
-    lr_patience: int = Field(ge=0)  # epochs without improvement before lr_decay applies
+    # plateau: lr times lr_decay when val loss stops improving; cosine: linear warmup over warmup_steps,
+    # then a cosine decay to 0 at the last step of the last epoch (the budget is epochs x steps per epoch).
+    schedule: Literal["plateau", "cosine"]
+    warmup_steps: int = Field(ge=0)  # cosine only
+    lr_decay: float = Field(gt=0, le=1)  # plateau only: multiply lr by this when val loss stops improving (1: off)
+    lr_patience: int = Field(ge=0)  # plateau only: epochs without improvement before lr_decay applies
     patience: int = Field(ge=0)  # early stopping: epochs without improvement before stopping (0: off)
 
 

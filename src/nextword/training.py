@@ -4,9 +4,13 @@ Lane b of a batch holds a contiguous run of windows, so the recurrent state
 left by one step is the right starting state for the next; it is carried
 and detached between steps (as in PyTorch's word_language_model example).
 After each epoch the model is scored on validation: the best epoch's weights
-are kept, the learning rate is cut by ``lr_decay`` when validation loss
-stops improving (``ReduceLROnPlateau``), and training stops early after
-``patience`` epochs without improvement.
+are kept, and training stops early after ``patience`` epochs without
+improvement. The learning rate follows ``schedule``: ``plateau`` cuts it by
+``lr_decay`` when validation loss stops improving (``ReduceLROnPlateau``);
+``cosine`` warms it up linearly over ``warmup_steps`` optimizer steps, then
+decays it along a half cosine to zero at the last step of the last epoch
+(``LambdaLR``, stepped after every optimizer step), so ``epochs`` sets the
+budget the schedule spends.
 
 Resuming: a checkpoint is written after every epoch (model, optimizer,
 scheduler, history, best weights, and every rank's torch/numpy/python RNG
@@ -242,6 +246,23 @@ def _from_rank0(obj, world: int):
     return box[0]
 
 
+def schedules(optimizer, params: TrainParams, steps_per_epoch: int):
+    """(the plateau scheduler, stepped per epoch; the per-step scheduler), either None, as ``schedule`` says."""
+    if params.schedule == "plateau":
+        if params.lr_decay == 1:
+            return None, None
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=params.lr_decay, patience=params.lr_patience), None
+    total, warmup = steps_per_epoch * params.epochs, params.warmup_steps
+
+    def factor(step: int) -> float:  # step: optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return None, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _stopped(result: TrainResult, patience: int) -> bool:
     return bool(patience) and len(result.history) - result.best_epoch >= patience
 
@@ -270,10 +291,6 @@ def train(
     amp_dtype = autocast_dtype(params.precision, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, fused=device.type in ("cpu", "cuda"))
-    scheduler = None
-    if params.lr_decay < 1:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=params.lr_decay, patience=params.lr_patience)
     runner = _WithLoss(model)
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(
@@ -291,6 +308,7 @@ def train(
     global_targets = (all_lanes[:steps, :, 1:] != PAD_ID).sum(axis=(1, 2))
     my_lanes = np.array_split(np.arange(batch_size), world)[rank]
     data = torch.from_numpy(np.ascontiguousarray(all_lanes[:steps, my_lanes])).to(device)
+    plateau, per_step = schedules(optimizer, params, steps)
 
     settings = params.model_dump(exclude=NOT_FINGERPRINTED)
     key = fingerprint(code_fingerprint(), model.config, settings, seed, world, train_windows, val_windows)
@@ -301,8 +319,9 @@ def train(
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
+        for scheduler in (plateau, per_step):
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"][rank])
         result = TrainResult(saved["history"], saved["best_epoch"], saved["best_state"])
         start_epoch = saved["epoch"] + 1
@@ -335,6 +354,8 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.clip)
             optimizer.step()
+            if per_step is not None:
+                per_step.step()
             state = detach_state(state)
             totals[0] += mean.detach().double() * count
             totals[1] += count
@@ -346,8 +367,8 @@ def train(
         train_loss = (totals[0] / totals[1].clamp(min=1)).item()
         val = evaluate(model, val_windows, vocab, eval_batch_size, device) if rank == 0 else None
         val = _from_rank0(val, world)
-        if scheduler is not None:
-            scheduler.step(val["nll"])
+        if plateau is not None:
+            plateau.step(val["nll"])
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -379,7 +400,7 @@ def train(
                             "epoch": epoch,
                             "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "scheduler": (plateau or per_step).state_dict() if plateau or per_step else None,
                             "rng": rngs,
                             "history": result.history,
                             "best_epoch": result.best_epoch,
