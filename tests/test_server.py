@@ -70,7 +70,8 @@ def test_suggests_next_words_and_completes_the_partial_word(server):
 
 
 def test_while_typing_words_passed_over_are_skipped_whatever_was_asked_before(tiny_model_dir, tmp_path):
-    with background_server(create_app(tiny_model_dir, log_path=tmp_path / "log.jsonl")) as url:
+    app = create_app(tiny_model_dir, log_path=tmp_path / "log.jsonl", overrides={"skip_rejected": True})
+    with background_server(app) as url:
         server = (url, None)
         # Asked first, before the strip for "" was: it is worked out from the text, not remembered.
         assert "you" not in words(suggest(server, "good morning , how are y", typing=True))

@@ -43,10 +43,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from nextword.config import EngineParams
+from nextword.config import EngineParams, Speaker
+from nextword.decoding import STRATEGIES
 from nextword.engine import Engine, Session
 from nextword.text import detokenize, tokenize
-from nextword.vocab import BOS, EOS, SPEAKER_TAG
+from nextword.windows import MESSAGE_END, message_head
 
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 2000  # characters per message
@@ -55,9 +56,6 @@ MAX_BODY = 2_000_000  # bytes
 CACHE_SIZE = 128  # sessions; one per recent (conversation, committed words)
 # Nothing but this server: the page must work offline and leak nothing.
 CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-
-Speaker = Literal["user", "agent"]
-
 
 # ----------------------------------------------------------------------------- requests
 
@@ -79,25 +77,20 @@ class Typing(Strict):
 
 
 class SuggestRequest(Typing):
-    k: int = Field(3, ge=1, le=10)
+    k: Annotated[int, Field(ge=1, le=10)] | None = Field(
+        None, description="how many (default: the model folder's engine.suggestions)")
     # True from the page: the strip of someone typing letter by letter (see Session.suggest).
     typing: bool = False
 
 
 class CompleteRequest(Typing):
-    strategy: Literal["greedy", "sample", "temperature", "top_k", "top_p", "beam"] = "greedy"
+    strategy: Literal[STRATEGIES] = "greedy"
     max_words: int = Field(20, ge=1, le=50)
     temperature: float = Field(1.0, gt=0, le=5)
     top_k: int = Field(0, ge=0, le=1000)
     top_p: float = Field(1.0, gt=0, le=1)
     beam_size: int = Field(4, ge=1, le=10)
     seed: int = Field(0, ge=0, le=2**32 - 1)
-
-    def engine_strategy(self) -> str:
-        """``sample`` is temperature sampling, narrowed by top-p or top-k when one is given."""
-        if self.strategy != "sample":
-            return self.strategy
-        return "top_p" if self.top_p < 1 else "top_k" if self.top_k else "temperature"
 
 
 class Keystroke(Strict):
@@ -161,14 +154,12 @@ class SessionCache:
         self.sessions: OrderedDict[int, tuple[tuple[str, ...], Session]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def message_head(self, speaker: str) -> list[str]:
-        return ([SPEAKER_TAG[speaker]] if self.engine.speaker_tags else []) + [BOS]
-
     def key(self, history: list[Message], speaker: str, committed: list[str]) -> tuple[str, ...]:
+        tags = self.engine.speaker_tags
         tokens: list[str] = []
         for message in history:
-            tokens += self.message_head(message.speaker) + tokenize(message.text) + [EOS]
-        return tuple(tokens + self.message_head(speaker) + committed)
+            tokens += message_head(message.speaker, tags) + tokenize(message.text) + [MESSAGE_END]
+        return tuple(tokens + message_head(speaker, tags) + committed)
 
     def session(self, key: tuple[str, ...]) -> tuple[Session, int]:
         """A session that has read ``key``, and how many tokens the model had to read for it."""
@@ -288,8 +279,17 @@ async def validation_error(request, exc: RequestValidationError) -> JSONResponse
 
 
 def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
-               log_path: str | Path = "reports/keystrokes.jsonl", options: EngineParams | None = None) -> FastAPI:
-    engine = Engine.load(model_dir, banned_words, options)
+               log_path: str | Path = "reports/keystrokes.jsonl", options: EngineParams | None = None, *,
+               overrides: dict | None = None) -> FastAPI:
+    """The page and the API over a servable model folder.
+
+    The engine runs with the folder's settings (``engine.json``), or ``options``
+    in their place, changed by ``overrides`` (the command line's flags) and
+    ``banned_words``.
+    """
+    if banned_words:
+        overrides = {**(overrides or {}), "banned_words": str(banned_words)}
+    engine = Engine.load(model_dir, options, overrides)
     cache = SessionCache(engine)
     log = EventLog(log_path)
     app = FastAPI(title="nextword", description=__doc__.split("\n")[0], docs_url=None, redoc_url=None)
@@ -321,7 +321,7 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     def suggest(request: SuggestRequest) -> dict:
         started = time.perf_counter()
         session, partial, start, steps = typed_session(request)
-        suggestions = session.suggest(partial, request.k, typing=request.typing)
+        suggestions = session.suggest(partial, request.k or engine.options.suggestions, typing=request.typing)
         return {
             "suggestions": [{"word": s.word, "probability": s.probability} for s in suggestions],
             "partial": partial,
@@ -334,7 +334,7 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     def complete(request: CompleteRequest) -> dict:
         started = time.perf_counter()
         session, partial, start, steps = typed_session(request)
-        words = session.complete(request.engine_strategy(), request.max_words, request.temperature,
+        words = session.complete(request.strategy, request.max_words, request.temperature,
                                  request.top_k, request.top_p, request.beam_size, request.seed, prefix=partial)
         completion = detokenize(words)
         line = request.text[:start] if words else request.text  # the completion replaces the partial word
@@ -388,10 +388,10 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> I
 
 def serve(model_dir: str | Path, banned_words: str | Path | None = None, host: str = "127.0.0.1",
           port: int = 8000, log_path: str | Path = "reports/keystrokes.jsonl",
-          options: EngineParams | None = None) -> None:
+          options: EngineParams | None = None, *, overrides: dict | None = None) -> None:
     """Run the page and API with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(model_dir, banned_words, log_path, options)
+    app = create_app(model_dir, banned_words, log_path, options, overrides=overrides)
     print(f"nextword: http://{host}:{port}/  (model {model_dir}, log {log_path}; Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
