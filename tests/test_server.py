@@ -12,7 +12,8 @@ import pytest
 
 from conftest import PLAIN
 from nextword.engine import Engine
-from nextword.server import MAX_BODY, EventLog, Message, SessionCache, background_server, create_app, split_typed
+from nextword.server import MAX_BODY, EventLog, Message, SessionCache, create_app, split_typed
+from servers import background_server
 
 GREETING = "good morning , how are you today ?"
 
