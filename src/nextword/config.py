@@ -120,6 +120,7 @@ class EvaluateParams(_Section):
     ksr_conversations: int = Field(ge=0)
 
 
+    ablation_conversations: int = Field(ge=0)  # the KSR of each engine part, on the first N (0: all)
 class EngineParams(_Section):
     """How the suggestion engine (:mod:`nextword.engine`) turns the model into suggestions.
 

@@ -8,17 +8,47 @@ model folder (so the figures are those of what is served), also with and
 without ``skip_rejected`` (see ``nextword.keystrokes``). Keystroke latency
 depends on the machine, so it goes to ``reports/latency.json``, not into the
 metrics that `dvc exp show` compares. The track stage logs both to MLflow.
+
+``reports/engine_parts.csv`` (a DVC plot) is the KSR as each part of the engine
+is added to the LSTM, on the first ``evaluate.ablation_conversations`` test
+conversations, with the other settings as served.
 """
+
+import csv
+import io
 
 import numpy as np
 import pandas as pd
 
 from nextword import stage
 from nextword.engine import Engine
-from nextword.files import write_json
+from nextword.files import write_json, write_text
 from nextword.keystrokes import simulate
 from nextword.metrics import evaluate
 from nextword.modeldir import load_trained
+
+
+# The engine's parts in the order they are added to the LSTM: (label, the settings still off).
+ENGINE_PARTS = (
+    ("LSTM", {"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0}),
+    ("+ n-gram", {"cache_weight": 0.0, "cache_bigram_weight": 0.0}),
+    ("+ word cache", {"cache_bigram_weight": 0.0}),
+    ("+ bigram cache", {}),
+)
+
+
+def engine_parts(model_dir, test: pd.DataFrame, conversations: int) -> str:
+    """CSV of the KSR with each engine part added, both with and without skip_rejected (one run each)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["part", "ksr_show_rejected", "ksr_skip_rejected", "conversations"])
+    for label, off in ENGINE_PARTS:
+        engine = Engine.load(model_dir, overrides=off)
+        r = simulate(engine, test, k=engine.options.suggestions, max_conversations=conversations or None)
+        writer.writerow([label, f"{r.ksr_show_rejected:.5f}", f"{r.ksr_skip_rejected:.5f}", r.conversations])
+        print(f"engine parts: {label}: KSR {r.ksr_show_rejected:.4f} (skipping words passed over "
+              f"{r.ksr_skip_rejected:.4f})")
+    return out.getvalue()
 
 
 def main(args, params):
@@ -46,6 +76,7 @@ def main(args, params):
                                                 "latency_keystrokes")}
     write_json(args.metrics, metrics)
     write_json(args.latency, latency)
+    write_text(args.parts, engine_parts(args.model, test, e.ablation_conversations))
     for split in ("val", "test"):
         m = metrics[split]
         print(f"lstm {split}: perplexity {m['perplexity']:.2f}, top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}")
@@ -56,4 +87,4 @@ def main(args, params):
 
 
 if __name__ == "__main__":
-    stage.run(main, "model", "windows", "messages", "metrics", "latency", description=__doc__)
+    stage.run(main, "model", "windows", "messages", "metrics", "latency", "parts", description=__doc__)

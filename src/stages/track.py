@@ -32,6 +32,7 @@ def main(args, params):
         for path in (args.metrics, args.baseline, args.latency, args.samples):
             run.log_artifact(path, "reports")
         run.log_artifact(args.curves, "plots")
+        run.log_artifact(args.parts, "plots")
         run.log_artifacts(args.model, "model")
         evaluated = tracking.lock_hashes("evaluate")
         tracking.log_data_inputs(run, {"training": tracking.lock_hashes("train"), "evaluation": evaluated})
@@ -52,5 +53,5 @@ def main(args, params):
 
 
 if __name__ == "__main__":
-    stage.run(main, "model", "run", "curves", "metrics", "baseline", "latency", "samples", "out",
+    stage.run(main, "model", "run", "curves", "metrics", "baseline", "latency", "samples", "parts", "out",
               description=__doc__)
