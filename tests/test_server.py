@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import select
+import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -12,7 +16,8 @@ import pytest
 
 from conftest import PLAIN
 from nextword.engine import Engine
-from nextword.server import MAX_BODY, EventLog, Message, SessionCache, background_server, create_app, split_typed
+from nextword.server import MAX_BODY, MAX_EVENTS, EventLog, Message, RateLimit, SessionCache, create_app, split_typed
+from servers import background_server
 
 GREETING = "good morning , how are you today ?"
 
@@ -70,7 +75,8 @@ def test_suggests_next_words_and_completes_the_partial_word(server):
 
 
 def test_while_typing_words_passed_over_are_skipped_whatever_was_asked_before(tiny_model_dir, tmp_path):
-    with background_server(create_app(tiny_model_dir, log_path=tmp_path / "log.jsonl")) as url:
+    app = create_app(tiny_model_dir, log_path=tmp_path / "log.jsonl", overrides={"skip_rejected": True})
+    with background_server(app) as url:
         server = (url, None)
         # Asked first, before the strip for "" was: it is worked out from the text, not remembered.
         assert "you" not in words(suggest(server, "good morning , how are y", typing=True))
@@ -218,6 +224,98 @@ def test_an_oversized_body_is_refused_before_it_is_read(server):
     response = connection.getresponse()
     assert response.status == 413 and "body" in json.load(response)["error"]
     connection.close()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives(server):
+    url, _ = server
+    total = 40_000_000
+    chunk = b"x" * 65536
+    frame = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+    address = urllib.parse.urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/suggest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # no Content-Length to refuse it by
+        sent = 0
+        while sent < total and not select.select([sock], [], [], 0)[0]:  # send until the server answers
+            try:
+                sock.sendall(frame)
+            except OSError:  # it closed the connection: the answer is already here
+                break
+            sent += len(chunk)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass  # reset for the bytes sent after the answer, which nobody read
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert json.loads(body) == {"error": f"body: larger than {MAX_BODY} bytes"}
+    assert sent < total / 2, f"the server read {sent} bytes before refusing"
+    assert suggest(server, "good morning , how are ")["suggestions"]  # and goes on serving
+
+
+def test_unknown_paths_and_methods_get_a_one_line_error(server):
+    url, _ = server
+    status, answer, _ = request(f"{url}/api/nothing")
+    assert status == 404 and answer == {"error": "GET /api/nothing: not found"}
+    status, answer, _ = request(f"{url}/api/stats", {"events": []})
+    assert status == 405 and answer == {"error": "POST /api/stats: method not allowed"}
+
+
+def test_the_event_log_rotates_at_its_size_cap_and_keeps_whole_totals(tiny_model_dir, tmp_path):
+    log_path = tmp_path / "keystrokes.jsonl"
+    batch = [{"type": "keystroke", "latency_ms": 5.0, "server_ms": 0.5}, {"type": "ignored", "word": "hello"},
+             {"type": "accepted", "word": "you", "rank": 1, "via": "tab"}]
+    with background_server(create_app(tiny_model_dir, log_path=log_path, log_max_bytes=1000)) as url:
+        for _ in range(20):
+            status, stats, _ = request(f"{url}/api/events", {"events": batch})
+            assert status == 200, stats
+    rotated = log_path.with_name("keystrokes.jsonl.1")
+    assert log_path.stat().st_size <= 1000 and rotated.stat().st_size <= 1000
+    kept = [json.loads(line) for path in (rotated, log_path) for line in path.read_text().splitlines()]
+    assert sum(record["type"] != "totals" for record in kept) < 60  # older lines are gone from the disk...
+    assert (stats["keystrokes"], stats["ignored"], stats["accepted"]) == (20, 20, 20)  # ...not from the totals
+    assert EventLog(log_path).stats() == stats  # a restart reads them back
+    os.replace(log_path, rotated)  # a crash between the rename of a rotation and the new file
+    assert EventLog(log_path).stats() == stats and EventLog(log_path).stats() == stats
+
+
+def test_latency_percentiles_come_from_a_bounded_sample(tmp_path):
+    log = EventLog(tmp_path / "keystrokes.jsonl", samples=100)
+    for start in range(0, 1000, 250):
+        log.append([{"type": "keystroke", "latency_ms": float(i), "server_ms": 1.0} for i in range(start, start + 250)])
+    assert len(log.latency_ms.values) == len(log.server_ms.values) == 100
+    stats = log.stats()
+    assert stats["keystrokes"] == 1000
+    assert 350 < stats["latency_ms"]["p50"] < 650 and stats["latency_ms"]["p99"] > 900
+    assert stats["server_ms"] == {"p50": 1.0, "p99": 1.0}
+
+
+def test_events_past_a_clients_allowance_get_a_429_naming_the_limit(tiny_model_dir, tmp_path):
+    log_path = tmp_path / "keystrokes.jsonl"
+    app = create_app(tiny_model_dir, log_path=log_path, events_per_second=0.01, event_burst=MAX_EVENTS)
+    events = [{"type": "keystroke", "latency_ms": 3.0}] * MAX_EVENTS
+    with background_server(app) as url:
+        status, stats, _ = request(f"{url}/api/events", {"events": events})
+        assert status == 200 and stats["keystrokes"] == MAX_EVENTS
+        status, answer, headers = request(f"{url}/api/events", {"events": events[:1]})
+        assert status == 429 and "0.01 a second" in answer["error"] and f"{MAX_EVENTS} at once" in answer["error"]
+        assert int(headers["Retry-After"]) >= 99
+        assert request(f"{url}/api/stats")[1]["keystrokes"] == MAX_EVENTS  # nothing more was logged
+    assert len(log_path.read_text().splitlines()) == MAX_EVENTS
+
+
+def test_the_allowance_is_per_client_refills_and_forgets_the_least_recent_clients():
+    limit = RateLimit(rate=100, burst=10, clients=2)
+    assert limit.take("a", 10) == 0
+    assert limit.take("a", 1) == pytest.approx(0.01, abs=0.005)  # empty: one more in a hundredth of a second
+    assert limit.take("b", 10) == 0  # another address has its own bucket
+    time.sleep(0.05)
+    assert limit.take("a", 4) == 0  # refilled at 100 a second
+    assert limit.take("c", 1) == 0  # a third address: "b", the least recent, is forgotten...
+    assert list(limit.buckets) == ["a", "c"]
+    assert limit.take("b", 10) == 0  # ...and starts again with a full bucket
 
 
 def test_the_page_and_its_files_are_served_locally(server):

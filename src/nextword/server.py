@@ -23,41 +23,60 @@ session one token shorter and runs one step; sending a message and starting
 the next costs the few tokens in between. Only a cold conversation is read
 from the start, once. Sessions in the cache are never advanced in place: a
 longer sequence starts from a copy.
+
+What one client can take. Bodies are capped at ``MAX_BODY`` bytes, counted as
+they arrive, so a chunked body is refused too. ``/api/events`` takes at most
+``EVENT_BURST`` events at once and ``EVENTS_PER_SECOND`` after that from one
+client address (429 past it). The log rotates to ``<name>.1`` past
+``LOG_MAX_BYTES``, and the latency percentiles come from a bounded sample, so
+neither the disk nor the memory grows with the traffic.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+import random
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Iterator, Literal, Union
+from typing import Annotated, Literal, Union
 
 import numpy as np
-from fastapi import FastAPI
+import orjson
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
-from nextword.config import EngineParams
+from nextword.config import EngineParams, Speaker
+from nextword.decoding import STRATEGIES
 from nextword.engine import Engine, Session
+from nextword.files import write_text
 from nextword.text import detokenize, tokenize
-from nextword.vocab import BOS, EOS, SPEAKER_TAG
+from nextword.windows import MESSAGE_END, message_head
 
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 2000  # characters per message
 MAX_HISTORY = 200  # earlier messages per request
 MAX_BODY = 2_000_000  # bytes
+MAX_EVENTS = 500  # per request
 CACHE_SIZE = 128  # sessions; one per recent (conversation, committed words)
+# The event log's bounds, so that no client can grow the disk or the memory without end.
+LOG_MAX_BYTES = 10_000_000  # past this the log is renamed to <name>.1 (replacing the one before)
+LATENCY_SAMPLES = 10_000  # keystroke latencies kept for the percentiles: a uniform sample of all of them
+EVENTS_PER_SECOND = 20.0  # per client address, sustained: a fast typist sends about one per keystroke
+EVENT_BURST = 2 * MAX_EVENTS  # per client address at once: two full requests
+RATE_CLIENTS = 10_000  # client addresses whose allowance is remembered; the least recent are forgotten
 # Nothing but this server: the page must work offline and leak nothing.
 CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-
-Speaker = Literal["user", "agent"]
-
+HEADERS = [(b"content-security-policy", CSP.encode()), (b"cache-control", b"no-store")]
 
 # ----------------------------------------------------------------------------- requests
 
@@ -79,25 +98,20 @@ class Typing(Strict):
 
 
 class SuggestRequest(Typing):
-    k: int = Field(3, ge=1, le=10)
+    k: Annotated[int, Field(ge=1, le=10)] | None = Field(
+        None, description="how many (default: the model folder's engine.suggestions)")
     # True from the page: the strip of someone typing letter by letter (see Session.suggest).
     typing: bool = False
 
 
 class CompleteRequest(Typing):
-    strategy: Literal["greedy", "sample", "temperature", "top_k", "top_p", "beam"] = "greedy"
+    strategy: Literal[STRATEGIES] = "greedy"
     max_words: int = Field(20, ge=1, le=50)
     temperature: float = Field(1.0, gt=0, le=5)
     top_k: int = Field(0, ge=0, le=1000)
     top_p: float = Field(1.0, gt=0, le=1)
     beam_size: int = Field(4, ge=1, le=10)
     seed: int = Field(0, ge=0, le=2**32 - 1)
-
-    def engine_strategy(self) -> str:
-        """``sample`` is temperature sampling, narrowed by top-p or top-k when one is given."""
-        if self.strategy != "sample":
-            return self.strategy
-        return "top_p" if self.top_p < 1 else "top_k" if self.top_k else "temperature"
 
 
 class Keystroke(Strict):
@@ -124,7 +138,15 @@ Event = Annotated[Union[Keystroke, Accepted, Ignored], Field(discriminator="type
 
 
 class EventsRequest(Strict):
-    events: list[Event] = Field(min_length=1, max_length=500)
+    events: list[Event] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+def json_response(content, status_code: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code, headers, media_type="application/json")
+
+
+def error_response(status_code: int, message: str, headers: dict | None = None) -> Response:
+    return json_response({"error": message}, status_code, headers)
 
 
 # ----------------------------------------------------------------------------- typing state
@@ -161,14 +183,12 @@ class SessionCache:
         self.sessions: OrderedDict[int, tuple[tuple[str, ...], Session]] = OrderedDict()
         self.lock = threading.Lock()
 
-    def message_head(self, speaker: str) -> list[str]:
-        return ([SPEAKER_TAG[speaker]] if self.engine.speaker_tags else []) + [BOS]
-
     def key(self, history: list[Message], speaker: str, committed: list[str]) -> tuple[str, ...]:
+        tags = self.engine.speaker_tags
         tokens: list[str] = []
         for message in history:
-            tokens += self.message_head(message.speaker) + tokenize(message.text) + [EOS]
-        return tuple(tokens + self.message_head(speaker) + committed)
+            tokens += message_head(message.speaker, tags) + tokenize(message.text) + [MESSAGE_END]
+        return tuple(tokens + message_head(speaker, tags) + committed)
 
     def session(self, key: tuple[str, ...]) -> tuple[Session, int]:
         """A session that has read ``key``, and how many tokens the model had to read for it."""
@@ -201,27 +221,69 @@ class SessionCache:
 # ----------------------------------------------------------------------------- the event log
 
 
-class EventLog:
-    """Append-only JSONL of page events, with running totals for the stats panel."""
+class Reservoir:
+    """A uniform random sample of at most ``size`` values of a stream of any length (Vitter's algorithm R)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, size: int, seed: int = 0):
+        self.size = size
+        self.values: list[float] = []
+        self.seen = 0
+        self.random = random.Random(seed)
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.values) < self.size:
+            self.values.append(value)
+        else:
+            slot = self.random.randrange(self.seen)
+            if slot < self.size:
+                self.values[slot] = value
+
+
+class EventLog:
+    """Append-only JSONL of page events, with running totals for the stats panel.
+
+    Bounded on disk and in memory. When an append would take the file past
+    ``max_bytes`` it is renamed to ``<name>.1`` (replacing the one before) and
+    a new file starts with a ``totals`` line that carries the counts so far,
+    so the totals stay whole across rotations and restarts. Counts are
+    counters; the latency percentiles come from a uniform sample of at most
+    ``samples`` keystrokes, drawn again from both files on a restart.
+    """
+
+    def __init__(self, path: str | Path, max_bytes: int = LOG_MAX_BYTES, samples: int = LATENCY_SAMPLES):
         self.path = Path(path)
+        self.rotated = self.path.with_name(self.path.name + ".1")
+        self.max_bytes = max_bytes
         self.lock = threading.Lock()
         self.counts = {"accepted": 0, "ignored": 0, "keystroke": 0}
-        self.latency_ms: list[float] = []
-        self.server_ms: list[float] = []
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a crash: skip it, keep the rest
-                    if isinstance(record, dict):
-                        self._count(record)
+        self.latency_ms = Reservoir(samples, seed=0)
+        self.server_ms = Reservoir(samples, seed=1)
+        self.size = 0
+        self._stats: dict | None = None  # computed once per change, not once per request
+        # Oldest first: the current file's totals line takes over the counts, and both files feed the sample.
+        for path in (self.rotated, self.path):
+            if path.exists():
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue  # a line cut short by a crash: skip it, keep the rest
+                        if isinstance(record, dict):
+                            self._count(record)
+        if self.rotated.exists() and not self.path.exists():
+            self._start_file()  # a crash came between the rename and the new file: finish that rotation
+        self.size = self.path.stat().st_size if self.path.exists() else 0
 
     def _count(self, record: dict) -> None:
         kind = record.get("type")
+        if kind == "totals":
+            try:
+                self.counts = {name: max(0, int(record.get(name, 0))) for name in self.counts}
+            except (TypeError, ValueError, OverflowError):
+                pass  # not a line this server wrote
+            return
         if kind not in self.counts:
             return
         if kind == "keystroke":
@@ -231,34 +293,46 @@ class EventLog:
                 server = None if server is None else float(server)
             except (KeyError, TypeError, ValueError):
                 return  # not a line this server wrote: leave it out of the totals
-            self.latency_ms.append(latency)
+            self.latency_ms.add(latency)
             if server is not None:
-                self.server_ms.append(server)
+                self.server_ms.add(server)
         self.counts[kind] += 1
 
     def append(self, events: list[dict]) -> None:
-        now = time.time()
-        records = [{"time": round(now, 3), **event} for event in events]
-        lines = "".join(json.dumps(record) + "\n" for record in records)
+        records = [{"time": round(time.time(), 3), **event} for event in events]
+        data = "".join(json.dumps(record) + "\n" for record in records).encode()
         with self.lock:
+            if self.size and self.size + len(data) > self.max_bytes:
+                os.replace(self.path, self.rotated)
+                self._start_file()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(lines)
+            with open(self.path, "ab") as f:
+                f.write(data)
+            self.size += len(data)
             for record in records:
                 self._count(record)
+            self._stats = None
+
+    def _start_file(self) -> None:
+        """A new log file whose first line carries the totals so far (written whole, then renamed into place)."""
+        totals = json.dumps({"time": round(time.time(), 3), "type": "totals", **self.counts}) + "\n"
+        write_text(self.path, totals)
+        self.size = len(totals.encode())
 
     def stats(self) -> dict:
         with self.lock:
-            accepted, ignored = self.counts["accepted"], self.counts["ignored"]
-            offered = accepted + ignored
-            return {
-                "accepted": accepted,
-                "ignored": ignored,
-                "acceptance_rate": accepted / offered if offered else None,
-                "keystrokes": self.counts["keystroke"],
-                "latency_ms": percentiles(self.latency_ms),
-                "server_ms": percentiles(self.server_ms),
-            }
+            if self._stats is None:
+                accepted, ignored = self.counts["accepted"], self.counts["ignored"]
+                offered = accepted + ignored
+                self._stats = {
+                    "accepted": accepted,
+                    "ignored": ignored,
+                    "acceptance_rate": accepted / offered if offered else None,
+                    "keystrokes": self.counts["keystroke"],
+                    "latency_ms": percentiles(self.latency_ms.values),
+                    "server_ms": percentiles(self.server_ms.values),
+                }
+            return self._stats
 
 
 def percentiles(values: list[float]) -> dict:
@@ -268,7 +342,85 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
 
 
+class RateLimit:
+    """A token bucket per client address: ``burst`` at once, then ``rate`` per second.
+
+    Only the ``clients`` most recent addresses are remembered, so the table
+    is bounded too; a forgotten address starts again with a full bucket.
+    """
+
+    def __init__(self, rate: float, burst: float, clients: int = RATE_CLIENTS):
+        self.rate, self.burst, self.clients = rate, burst, clients
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (tokens, when)
+        self.lock = threading.Lock()
+
+    def take(self, client: str, n: int) -> float:
+        """Take ``n`` (at most ``burst``) from ``client``'s bucket: 0 if they were there, else the seconds to wait."""
+        now = time.monotonic()
+        with self.lock:
+            tokens, then = self.buckets.pop(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            wait = 0.0 if n <= tokens else (n - tokens) / self.rate
+            if not wait:
+                tokens -= n
+            self.buckets[client] = (tokens, now)
+            while len(self.buckets) > self.clients:
+                self.buckets.popitem(last=False)
+        return wait
+
+
 # ----------------------------------------------------------------------------- the app
+
+
+class LimitsAndHeaders:
+    """Refuses bodies over ``max_body`` bytes and adds the security headers: a plain ASGI middleware.
+
+    A Content-Length over the limit is refused before the body is read. A
+    body without one (``Transfer-Encoding: chunked``) is counted as it
+    arrives and refused as soon as it passes the limit; that 413 closes the
+    connection, so the rest is never read. Starlette's ``BaseHTTPMiddleware``
+    (``@app.middleware("http")``) would run every request in a task of its
+    own behind a stream; this costs a function call.
+    """
+
+    def __init__(self, app, max_body: int = MAX_BODY):
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *HEADERS]
+            await send(message)
+
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit():
+                    await error_response(400, "body: bad Content-Length header")(scope, receive, send_with_headers)
+                    return
+                if int(value) > self.max_body:
+                    too_large = self.too_large()
+                    await error_response(413, too_large.detail, too_large.headers)(scope, receive, send_with_headers)
+                    return
+        received = 0
+
+        async def receive_counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise self.too_large()  # answered by http_error, in the app's exception middleware
+            return message
+
+        await self.app(scope, receive_counted, send_with_headers)
+
+    def too_large(self) -> HTTPException:
+        return HTTPException(413, f"body: larger than {self.max_body} bytes", headers={"Connection": "close"})
 
 
 def field_name(loc: tuple) -> str:
@@ -276,37 +428,50 @@ def field_name(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-async def validation_error(request, exc: RequestValidationError) -> JSONResponse:
+async def validation_error(request, exc: RequestValidationError) -> Response:
     errors = exc.errors()
     for error in errors:
         if error["type"] == "json_invalid":
             reason = error.get("ctx", {}).get("error", "invalid JSON")
-            return JSONResponse({"error": f"body: not valid JSON ({reason})"}, status_code=400)
+            return error_response(400, f"body: not valid JSON ({reason})")
     details = [{"field": field_name(error["loc"]), "message": error["msg"]} for error in errors]
     message = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-    return JSONResponse({"error": message, "errors": details}, status_code=422)
+    return json_response({"error": message, "errors": details}, 422)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """Every other 4xx (an unknown path, a wrong method, a body too large) as one ``error`` line too."""
+    message = str(exc.detail)
+    if message == HTTPStatus(exc.status_code).phrase:
+        message = f"{request.method} {request.url.path}: {message.lower()}"
+    return error_response(exc.status_code, message, exc.headers)
 
 
 def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
-               log_path: str | Path = "reports/keystrokes.jsonl", options: EngineParams | None = None) -> FastAPI:
-    engine = Engine.load(model_dir, banned_words, options)
+               log_path: str | Path = "reports/keystrokes.jsonl", options: EngineParams | None = None, *,
+               overrides: dict | None = None, log_max_bytes: int = LOG_MAX_BYTES,
+               latency_samples: int = LATENCY_SAMPLES, events_per_second: float = EVENTS_PER_SECOND,
+               event_burst: int = EVENT_BURST) -> FastAPI:
+    """The page and the API over a servable model folder.
+
+    The engine runs with the folder's settings (``engine.json``), or ``options``
+    in their place, changed by ``overrides`` (the command line's flags) and
+    ``banned_words``. The keyword arguments after them bound the event log and
+    what one client may send to it.
+    """
+    if event_burst < MAX_EVENTS:
+        raise ValueError(f"event_burst must be at least {MAX_EVENTS}, the events one request may carry")
+    if banned_words:
+        overrides = {**(overrides or {}), "banned_words": str(banned_words)}
+    engine = Engine.load(model_dir, options, overrides)
     cache = SessionCache(engine)
-    log = EventLog(log_path)
+    log = EventLog(log_path, log_max_bytes, latency_samples)
+    event_limit = RateLimit(events_per_second, event_burst)
     app = FastAPI(title="nextword", description=__doc__.split("\n")[0], docs_url=None, redoc_url=None)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(LimitsAndHeaders, max_body=MAX_BODY)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.middleware("http")
-    async def limits_and_headers(request, call_next):
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit():
-            return JSONResponse({"error": "body: bad Content-Length header"}, status_code=400)
-        if int(size) > MAX_BODY:
-            return JSONResponse({"error": f"body: larger than {MAX_BODY} bytes"}, status_code=413)
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["Cache-Control"] = "no-store"
-        return response
 
     def typed_session(request: Typing) -> tuple[Session, str, int, int]:
         committed, partial, start = split_typed(request.text)
@@ -321,7 +486,7 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     def suggest(request: SuggestRequest) -> dict:
         started = time.perf_counter()
         session, partial, start, steps = typed_session(request)
-        suggestions = session.suggest(partial, request.k, typing=request.typing)
+        suggestions = session.suggest(partial, request.k or engine.options.suggestions, typing=request.typing)
         return {
             "suggestions": [{"word": s.word, "probability": s.probability} for s in suggestions],
             "partial": partial,
@@ -334,7 +499,7 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     def complete(request: CompleteRequest) -> dict:
         started = time.perf_counter()
         session, partial, start, steps = typed_session(request)
-        words = session.complete(request.engine_strategy(), request.max_words, request.temperature,
+        words = session.complete(request.strategy, request.max_words, request.temperature,
                                  request.top_k, request.top_p, request.beam_size, request.seed, prefix=partial)
         completion = detokenize(words)
         line = request.text[:start] if words else request.text  # the completion replaces the partial word
@@ -349,9 +514,14 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
         }
 
     @app.post("/api/events")
-    def events(request: EventsRequest) -> dict:
+    def events(request: EventsRequest, http: Request) -> Response:
+        wait = event_limit.take(http.client.host if http.client else "", len(request.events))
+        if wait:
+            retry = math.ceil(wait)
+            return error_response(429, f"events: over this client's limit of {events_per_second:g} a second "
+                                       f"({event_burst} at once); retry in {retry} s", {"Retry-After": str(retry)})
         log.append([event.model_dump(exclude_none=True) for event in request.events])
-        return log.stats()
+        return json_response(log.stats())
 
     @app.get("/api/stats")
     def stats() -> dict:
@@ -360,38 +530,12 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     return app
 
 
-@contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve ``app`` from a thread of this process; yields the base URL (``port=0`` picks a free port)."""
-    import socket
-
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 def serve(model_dir: str | Path, banned_words: str | Path | None = None, host: str = "127.0.0.1",
           port: int = 8000, log_path: str | Path = "reports/keystrokes.jsonl",
-          options: EngineParams | None = None) -> None:
+          options: EngineParams | None = None, *, overrides: dict | None = None) -> None:
     """Run the page and API with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(model_dir, banned_words, log_path, options)
+    app = create_app(model_dir, banned_words, log_path, options, overrides=overrides)
     print(f"nextword: http://{host}:{port}/  (model {model_dir}, log {log_path}; Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
