@@ -191,9 +191,13 @@ def test_events_are_appended_to_the_log_and_summarised(server, tmp_path):
     ("suggest", {"speaker": "user", "text": "hi", "history": [{"speaker": "user"}]}, "history.0.text"),
     ("suggest", {"speaker": "user", "text": "hi", "prefix": "h"}, "prefix"),
     ("suggest", ["user", "hi"], "body"),
+    ("suggest", {"speaker": "user", "text": "hi", "k": True}, "k"),  # no coercion: the schema says integer
+    ("suggest", {"speaker": "user", "text": "hi", "k": "3"}, "k"),
+    ("suggest", {"speaker": "user", "text": "hi", "typing": 1}, "typing"),
     ("complete", {"speaker": "user", "text": "hi", "strategy": "random"}, "strategy"),
     ("complete", {"speaker": "user", "text": "hi", "max_words": 0}, "max_words"),
     ("complete", {"speaker": "user", "text": "hi", "temperature": 0}, "temperature"),
+    ("complete", {"speaker": "user", "text": "hi", "temperature": 1e-300}, "temperature"),  # would overflow
     ("events", {"events": []}, "events"),
     ("events", {"events": [{"type": "clicked"}]}, "events.0"),
     ("events", {"events": [{"type": "keystroke", "latency_ms": -1}]}, "latency_ms"),
@@ -261,6 +265,10 @@ def test_unknown_paths_and_methods_get_a_one_line_error(server):
     assert status == 404 and answer == {"error": "GET /api/nothing: not found"}
     status, answer, _ = request(f"{url}/api/stats", {"events": []})
     assert status == 405 and answer == {"error": "POST /api/stats: method not allowed"}
+
+
+def test_integral_numbers_are_integers_as_in_json(server):
+    assert len(suggest(server, "", k=2.0)["suggestions"]) == 2
 
 
 def test_the_event_log_rotates_at_its_size_cap_and_keeps_whole_totals(tiny_model_dir, tmp_path):

@@ -52,7 +52,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from nextword.config import EngineParams, Speaker
@@ -82,7 +83,20 @@ HEADERS = [(b"content-security-policy", CSP.encode()), (b"cache-control", b"no-s
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No coercion (true for an integer, "3" for a number): what is accepted is what the schema documents.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def json_integer(value):
+    """A JSON number with no fractional part, 3.0 as well as 3 (JSON Schema's integer); not true, not "3"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+def integer(ge: int, le: int):
+    """The type of an integer field in [ge, le], as JSON numbers are read (:func:`json_integer`)."""
+    return Annotated[int, Field(strict=False, ge=ge, le=le), BeforeValidator(json_integer)]
 
 
 class Message(Strict):
@@ -98,20 +112,20 @@ class Typing(Strict):
 
 
 class SuggestRequest(Typing):
-    k: Annotated[int, Field(ge=1, le=10)] | None = Field(
-        None, description="how many (default: the model folder's engine.suggestions)")
+    k: integer(1, 10) | None = Field(None, description="how many (default: the model folder's engine.suggestions)")
     # True from the page: the strip of someone typing letter by letter (see Session.suggest).
     typing: bool = False
 
 
 class CompleteRequest(Typing):
     strategy: Literal[STRATEGIES] = "greedy"
-    max_words: int = Field(20, ge=1, le=50)
-    temperature: float = Field(1.0, gt=0, le=5)
-    top_k: int = Field(0, ge=0, le=1000)
+    max_words: integer(1, 50) = 20
+    # Lower is greedy in all but name, and dividing log-probabilities by it could overflow.
+    temperature: float = Field(1.0, ge=0.01, le=5)
+    top_k: integer(0, 1000) = 0
     top_p: float = Field(1.0, gt=0, le=1)
-    beam_size: int = Field(4, ge=1, le=10)
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    beam_size: integer(1, 10) = 4
+    seed: integer(0, 2**32 - 1) = 0
 
 
 class Keystroke(Strict):
@@ -123,9 +137,9 @@ class Keystroke(Strict):
 class Accepted(Strict):
     type: Literal["accepted"]
     word: str = Field(max_length=100)
-    rank: int = Field(ge=1, le=10)
+    rank: integer(1, 10)
     via: Literal["tab", "click"]
-    typed: int = Field(0, ge=0, le=100, description="letters of the word typed before accepting it")
+    typed: integer(0, 100) = Field(0, description="letters of the word typed before accepting it")
 
 
 class Ignored(Strict):
@@ -139,6 +153,65 @@ Event = Annotated[Union[Keystroke, Accepted, Ignored], Field(discriminator="type
 
 class EventsRequest(Strict):
     events: list[Event] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+# ----------------------------------------------------------------------------- responses
+# What the answers look like, in the schema; tests/test_api_fuzz.py checks that they conform.
+
+
+class SuggestionOut(BaseModel):
+    word: str
+    probability: float
+
+
+class SuggestResponse(BaseModel):
+    suggestions: list[SuggestionOut]
+    partial: str = Field(description="the word being typed, lowercased")
+    start: int = Field(description="where it starts in text")
+    steps: int = Field(description="tokens the model read for this request")
+    latency_ms: float
+
+
+class CompleteResponse(BaseModel):
+    completion: str
+    words: list[str]
+    partial: str
+    line: str = Field(description="text with the completion in place of the partial word")
+    latency_ms: float
+
+
+class Percentiles(BaseModel):
+    p50: float | None
+    p99: float | None
+
+
+class StatsResponse(BaseModel):
+    accepted: int
+    ignored: int
+    acceptance_rate: float | None
+    keystrokes: int
+    latency_ms: Percentiles
+    server_ms: Percentiles
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="one line that names the field or the limit")
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ValidationErrorResponse(ErrorResponse):
+    errors: list[FieldError]
+
+
+BODY_ERRORS = {
+    400: {"model": ErrorResponse, "description": "the body is not JSON"},
+    413: {"model": ErrorResponse, "description": f"the body is larger than {MAX_BODY} bytes"},
+    422: {"model": ValidationErrorResponse, "description": "a field is missing or out of range"},
+}
 
 
 def json_response(content, status_code: int = 200, headers: dict | None = None) -> Response:
@@ -482,7 +555,7 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.post("/api/suggest")
+    @app.post("/api/suggest", response_model=SuggestResponse, responses=BODY_ERRORS)
     def suggest(request: SuggestRequest) -> dict:
         started = time.perf_counter()
         session, partial, start, steps = typed_session(request)
@@ -495,7 +568,7 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
             "latency_ms": (time.perf_counter() - started) * 1000,
         }
 
-    @app.post("/api/complete")
+    @app.post("/api/complete", response_model=CompleteResponse, responses=BODY_ERRORS)
     def complete(request: CompleteRequest) -> dict:
         started = time.perf_counter()
         session, partial, start, steps = typed_session(request)
@@ -513,7 +586,9 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
             "latency_ms": (time.perf_counter() - started) * 1000,
         }
 
-    @app.post("/api/events")
+    rate_limited = {"model": ErrorResponse, "description": "more events than this client may send now"}
+
+    @app.post("/api/events", response_model=StatsResponse, responses={**BODY_ERRORS, 429: rate_limited})
     def events(request: EventsRequest, http: Request) -> Response:
         wait = event_limit.take(http.client.host if http.client else "", len(request.events))
         if wait:
@@ -523,7 +598,7 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
         log.append([event.model_dump(exclude_none=True) for event in request.events])
         return json_response(log.stats())
 
-    @app.get("/api/stats")
+    @app.get("/api/stats", response_model=StatsResponse)
     def stats() -> dict:
         return log.stats()
 
