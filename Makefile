@@ -6,7 +6,7 @@ BIN := $(dir $(PYTHON))
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install repro test bench ui params serve clean
+.PHONY: install repro test bench loadtest ui params serve clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -25,6 +25,10 @@ test: install
 bench: install
 	$(PYTHON) -m dvc repro window
 	$(PYTHON) -m nextword.bench
+
+# The web API of the pipeline's model folder under 32 clients typing at once: one JSON line.
+loadtest: install
+	$(PYTHON) -m nextword.loadtest
 
 # Rewrite params.yaml from conf/ (the chat preset), as `dvc exp run` does.
 params: install
