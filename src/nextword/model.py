@@ -101,10 +101,8 @@ class LanguageModel(nn.Module):
         """Embedding and output weights uniform in [-0.1, 0.1], as in PyTorch's word_language_model.
 
         The adaptive softmax's weights (head and tail clusters) get the same
-        range. Its own default, PyTorch's ``Linear`` init (within 1/sqrt(fan-in),
-        0.044 for the chat model's head), learned much more slowly under Adam:
-        after 600 steps of the chat preset, validation perplexity 94.6, against
-        69.7 with this init and 79.0 for the full softmax (README, "Measured here").
+        range. Its own default, PyTorch's ``Linear`` init (within 1/sqrt(fan-in)),
+        learned much more slowly under Adam (docs/results.md has the measurement).
         """
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         with torch.no_grad():
