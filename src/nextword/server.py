@@ -24,6 +24,20 @@ the next costs the few tokens in between. Only a cold conversation is read
 from the start, once. Sessions in the cache are never advanced in place: a
 longer sequence starts from a copy.
 
+Why ``/api/suggest`` is an ``async`` endpoint. Most keystrokes cost a prefix
+lookup, far less than handing the request to a worker thread and back, so
+they are answered on the event loop. So is a keystroke that makes the model
+read a word or two: a model step is many short PyTorch calls, each of which
+lets go of the GIL and must win it back from the busy event loop, so on a
+worker thread its time is set by those hand-offs, not by its arithmetic.
+Only reading a whole conversation into a cold session (more than
+``INLINE_STEPS`` tokens) goes to a worker thread, so that it does not stall
+every other keystroke. A session enters the cache once the model has read
+it, so a cached one never makes a keystroke wait. The body limit and the
+security headers are a plain ASGI middleware, and answers are serialised
+with orjson, for the same reason: at hundreds of keystrokes a second the
+cost of handling a request weighs as much as the suggestion.
+
 What one client can take. Bodies are capped at ``MAX_BODY`` bytes, counted as
 they arrive, so a chunked body is refused too. ``/api/events`` takes at most
 ``EVENT_BURST`` events at once and ``EVENTS_PER_SECOND`` after that from one
@@ -35,6 +49,7 @@ neither the disk nor the memory grows with the traffic.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -42,6 +57,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from functools import lru_cache
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -49,6 +65,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -69,6 +86,11 @@ MAX_HISTORY = 200  # earlier messages per request
 MAX_BODY = 2_000_000  # bytes
 MAX_EVENTS = 500  # per request
 CACHE_SIZE = 128  # sessions; one per recent (conversation, committed words)
+MESSAGE_CACHE = 4096  # earlier messages whose tokens are kept
+# Tokens a keystroke may make the model read on the event loop: a word, or the end of one message and
+# the start of the next, cost about one step; reading a whole conversation into a cold session goes to
+# a worker thread instead.
+INLINE_STEPS = 16
 # The event log's bounds, so that no client can grow the disk or the memory without end.
 LOG_MAX_BYTES = 10_000_000  # past this the log is renamed to <name>.1 (replacing the one before)
 LATENCY_SAMPLES = 10_000  # keystroke latencies kept for the percentiles: a uniform sample of all of them
@@ -156,7 +178,8 @@ class EventsRequest(Strict):
 
 
 # ----------------------------------------------------------------------------- responses
-# What the answers look like, in the schema; tests/test_api_fuzz.py checks that they conform.
+# The endpoints answer with ready-made JSON, so these models document the answers in the schema
+# without validating each one; tests/test_api_fuzz.py checks that the answers conform.
 
 
 class SuggestionOut(BaseModel):
@@ -241,54 +264,80 @@ def split_typed(text: str) -> tuple[list[str], str, int]:
     return tokenize(text[:start]), text[start:].lower(), start
 
 
+@lru_cache(maxsize=MESSAGE_CACHE)
+def earlier_tokens(text: str) -> tuple[str, ...]:
+    """The tokens of an earlier message; every request repeats the conversation, so each is tokenized once."""
+    return tuple(tokenize(text))
+
+
 class SessionCache:
     """Engine sessions keyed by the token sequence they have read; the least recently used go first.
 
-    A lookup finds the longest cached prefix of the sequence. Entries are
-    filed under a hash chained over the tokens, so trying every prefix costs
-    one pass over the sequence, not one per prefix; the stored sequence is
-    compared only where a hash matches.
+    A lookup finds the longest cached prefix of the sequence. Most keystrokes
+    find their whole sequence, one dictionary lookup. Otherwise every prefix
+    is tried: entries are also filed under a hash chained over their tokens,
+    so that costs one pass over the sequence, not one per prefix, and the
+    stored sequence is compared only where a hash matches.
     """
 
     def __init__(self, engine: Engine, size: int = CACHE_SIZE):
         self.engine = engine
         self.size = size
-        self.sessions: OrderedDict[int, tuple[tuple[str, ...], Session]] = OrderedDict()
+        self.sessions: OrderedDict[tuple[str, ...], tuple[int, Session]] = OrderedDict()  # key -> (chained, session)
+        self.by_chained: dict[int, tuple[str, ...]] = {}
         self.lock = threading.Lock()
 
     def key(self, history: list[Message], speaker: str, committed: list[str]) -> tuple[str, ...]:
         tags = self.engine.speaker_tags
         tokens: list[str] = []
         for message in history:
-            tokens += message_head(message.speaker, tags) + tokenize(message.text) + [MESSAGE_END]
-        return tuple(tokens + message_head(speaker, tags) + committed)
+            tokens += message_head(message.speaker, tags)
+            tokens += earlier_tokens(message.text)
+            tokens.append(MESSAGE_END)
+        return (*tokens, *message_head(speaker, tags), *committed)
 
-    def session(self, key: tuple[str, ...]) -> tuple[Session, int]:
-        """A session that has read ``key``, and how many tokens the model had to read for it."""
+    def lookup(self, key: tuple[str, ...]) -> tuple[Session | None, int, int]:
+        """The cached session of the longest prefix of ``key`` (or None), its length, and ``key``'s chained hash."""
+        with self.lock:
+            entry = self.sessions.get(key)
+            if entry is not None:
+                self.sessions.move_to_end(key)
+                return entry[1], len(key), entry[0]
         hashes, chained = [], 0
         for token in key:
             chained = hash((chained, token))
             hashes.append(chained)
-        length, found = 0, None
         with self.lock:
-            for n in range(len(key), 0, -1):
-                entry = self.sessions.get(hashes[n - 1])
-                if entry is not None and entry[0] == key[:n]:
-                    self.sessions.move_to_end(hashes[n - 1])
-                    length, found = n, entry[1]
-                    break
-        if length == len(key):
-            return found, 0
+            for n in range(len(key) - 1, 0, -1):
+                prefix = self.by_chained.get(hashes[n - 1])
+                if prefix is not None and len(prefix) == n and prefix == key[:n]:
+                    self.sessions.move_to_end(prefix)
+                    return self.sessions[prefix][1], n, hashes[-1]
+        return None, 0, hashes[-1]
+
+    def extend(self, key: tuple[str, ...], found: Session | None, length: int, chained: int) -> Session:
+        """A session that has read ``key``, from ``found``, which has read its first ``length`` tokens."""
+        if found is not None and length == len(key):
+            return found
         session = copy.copy(found) if found is not None else self.engine.session()
         for token in key[length:]:
             session.feed(token)
         session.in_message = True  # keys end inside the message being typed
+        session.log_probs  # the model reads the tokens now, so that a cached session never makes a keystroke wait
         with self.lock:
-            self.sessions[hashes[-1]] = (key, session)
-            self.sessions.move_to_end(hashes[-1])
+            self.sessions[key] = (chained, session)
+            self.sessions.move_to_end(key)
+            self.by_chained[chained] = key
             while len(self.sessions) > self.size:
-                self.sessions.popitem(last=False)
-        return session, len(key) - length
+                old, (old_chained, _) = self.sessions.popitem(last=False)
+                if self.by_chained.get(old_chained) == old:  # not taken over by a key with the same hash
+                    del self.by_chained[old_chained]
+        return session
+
+    def session(self, key: tuple[str, ...]) -> tuple[Session, int]:
+        """A session that has read ``key``, and how many tokens the model had to read for it."""
+        found, length, chained = self.lookup(key)
+        return self.extend(key, found, length, chained), len(key) - length
 
 
 # ----------------------------------------------------------------------------- the event log
@@ -556,20 +605,27 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
         return FileResponse(STATIC / "index.html")
 
     @app.post("/api/suggest", response_model=SuggestResponse, responses=BODY_ERRORS)
-    def suggest(request: SuggestRequest) -> dict:
+    async def suggest(request: SuggestRequest) -> Response:
         started = time.perf_counter()
-        session, partial, start, steps = typed_session(request)
+        committed, partial, start = split_typed(request.text)
+        key = cache.key(request.history, request.speaker, committed)
+        found, length, chained = cache.lookup(key)
+        steps = len(key) - length
+        if steps > INLINE_STEPS:
+            session = await run_in_threadpool(cache.extend, key, found, length, chained)
+        else:
+            session = cache.extend(key, found, length, chained)
         suggestions = session.suggest(partial, request.k or engine.options.suggestions, typing=request.typing)
-        return {
+        return json_response({
             "suggestions": [{"word": s.word, "probability": s.probability} for s in suggestions],
             "partial": partial,
             "start": start,
             "steps": steps,
             "latency_ms": (time.perf_counter() - started) * 1000,
-        }
+        })
 
     @app.post("/api/complete", response_model=CompleteResponse, responses=BODY_ERRORS)
-    def complete(request: CompleteRequest) -> dict:
+    def complete(request: CompleteRequest) -> Response:
         started = time.perf_counter()
         session, partial, start, steps = typed_session(request)
         words = session.complete(request.strategy, request.max_words, request.temperature,
@@ -578,13 +634,13 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
         line = request.text[:start] if words else request.text  # the completion replaces the partial word
         if words and line and not line[-1].isspace() and completion[0].isalnum():
             line += " "
-        return {
+        return json_response({
             "completion": completion,
             "words": words,
             "partial": partial,
             "line": line + completion,
             "latency_ms": (time.perf_counter() - started) * 1000,
-        }
+        })
 
     rate_limited = {"model": ErrorResponse, "description": "more events than this client may send now"}
 
@@ -599,8 +655,8 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
         return json_response(log.stats())
 
     @app.get("/api/stats", response_model=StatsResponse)
-    def stats() -> dict:
-        return log.stats()
+    async def stats() -> Response:
+        return json_response(log.stats())
 
     return app
 
@@ -612,5 +668,9 @@ def serve(model_dir: str | Path, banned_words: str | Path | None = None, host: s
     import uvicorn
 
     app = create_app(model_dir, banned_words, log_path, options, overrides=overrides)
+    # What is loaded by now (the libraries, the model, its vocabulary and n-gram) lives as long as the
+    # server: frozen, the garbage collector's full passes skip it instead of stalling every request in
+    # flight while they walk it.
+    gc.freeze()
     print(f"nextword: http://{host}:{port}/  (model {model_dir}, log {log_path}; Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
