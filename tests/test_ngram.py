@@ -208,3 +208,17 @@ def test_saved_model_loads_with_the_same_distributions(tmp_path):
     np.testing.assert_allclose(loaded.next_probs(histories), model.next_probs(histories), rtol=1e-6)
     with np.load(path, allow_pickle=False) as arrays:  # plain arrays only: loads without pickle
         assert all(arrays[name].dtype != object for name in arrays.files)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_one_history_gives_the_numbers_of_its_row_in_a_batch(order):
+    # The engine asks for one distribution at a time, which takes a path of its own.
+    stream = random_stream()
+    model = KneserNey.fit(stream, 12, order)
+    histories = [[], [3], [3, 4, 5], list(stream[-6:]), [11, 11, 11], [0, 0], list(stream[110:113]), [7, 7, 7, 7]]
+    for dtype in (np.float64, np.float32):
+        batch = model.next_probs(histories, dtype=dtype, scale=0.3)
+        for history, row in zip(histories, batch):
+            one = model.next_probs([history], dtype=dtype, scale=0.3)
+            assert one.shape == (1, 12) and one.dtype == dtype
+            np.testing.assert_array_equal(one[0], row)

@@ -104,6 +104,7 @@ class KneserNey:
         self.unigram = unigram  # [V] P_1, interpolated with uniform
         self.orders = orders  # orders 2 .. N
         self.unigram_discounts = unigram_discounts
+        self._unigram_as = {}  # dtype -> the unigram in it, for _next_probs_one
 
     @property
     def order(self) -> int:
@@ -242,6 +243,8 @@ class KneserNey:
 
     def next_probs(self, histories: Sequence[Sequence[int]], dtype=np.float64, scale: float = 1.0) -> np.ndarray:
         """``[B, V]`` next-id distributions after each history (only the last N - 1 ids matter), times ``scale``."""
+        if len(histories) == 1:
+            return self._next_probs_one(histories[0], dtype, scale)[None]
         width = self.order - 1
         seqs = np.full((len(histories), max(width, 1)), -1, dtype=np.int64)
         for i, h in enumerate(histories):
@@ -251,6 +254,51 @@ class KneserNey:
         grams = self._gram_indices(seqs)
         contexts = [g[:, -1] for g in grams[: len(self.orders)]]
         return self._dense(len(histories), contexts, dtype, scale)
+
+    def _next_probs_one(self, history: Sequence[int], dtype, scale: float) -> np.ndarray:
+        """:meth:`next_probs` of one history, the same numbers without the batch's index arrays.
+
+        The engine asks for one distribution per committed word, on the keystroke's clock.
+        """
+        v = self.vocab_size
+        width = self.order - 1
+        tail = [int(i) for i in list(history)[-width:]] if width else []
+        if any(i >= v for i in tail):
+            raise ValueError(f"ids must lie in 0 .. {v - 1}")
+        # grams[t]: the index of the k-gram that ends at tail[t] (-1: unseen), for k = 1, 2, ...;
+        # the one that ends the history is the context of order k + 1.
+        grams = [i if i >= 0 else -1 for i in tail]
+        contexts = [grams[-1] if grams else -1]
+        for o in self.orders[:-1]:
+            longer = []
+            for t in range(1, len(grams)):
+                word = tail[len(tail) - len(grams) + t]
+                index = -1
+                if grams[t - 1] >= 0 and word >= 0:
+                    query = grams[t - 1] * v + word
+                    pos = int(np.searchsorted(o.keys, query))
+                    if pos < len(o.keys) and o.keys[pos] == query:
+                        index = pos
+                longer.append(index)
+            grams = longer
+            contexts.append(grams[-1] if grams else -1)
+        # As _dense: each order's term weighs the product of the gammas of the orders above it.
+        weight = scale
+        weights = []
+        for o, ctx in zip(reversed(self.orders), reversed(contexts)):
+            weights.append(weight)
+            if ctx >= 0:
+                weight = weight * o.gamma[ctx]
+        weights.reverse()
+        unigram = self._unigram_as.get(np.dtype(dtype))
+        if unigram is None:
+            unigram = self._unigram_as[np.dtype(dtype)] = self.unigram.astype(dtype)
+        probs = np.asarray(weight, dtype=dtype) * unigram
+        for o, ctx, w in zip(self.orders, contexts, weights):
+            if ctx >= 0:
+                start, end = o.offsets[ctx], o.offsets[ctx + 1]
+                probs[o.words[start:end]] += (w * o.alpha[start:end]).astype(dtype)
+        return probs
 
     def stream_log_probs(self, stream: np.ndarray, batch_size: int = 1024,
                          dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
