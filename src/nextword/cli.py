@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from nextword.config import SPEAKERS
+from nextword.config import BACKENDS, SPEAKERS
 from nextword.decoding import STRATEGIES
 from nextword.errors import NextwordError, exit_on_error
 
@@ -56,6 +56,7 @@ ENGINE_FLAGS = {
     "cache_bigram_weight": "cache_bigram_weight",
     "banned": "banned_words",
     "k": "suggestions",
+    "backend": "backend",
 }
 
 
@@ -274,6 +275,62 @@ def cmd_promote(args) -> None:
     print(promote(force=args.force))
 
 
+def cmd_export(args) -> None:
+    """Write the model step as an ONNX graph and print one JSON object: its size and, with --check-csv,
+    how the engine on it compares with the engine on PyTorch while typing the CSV's messages."""
+    conversations = None
+    if args.check_csv:  # read first, so that a bad file fails before the export
+        from nextword.keystrokes import conversations_from_table
+        from nextword.messages import prepare, read_csv_messages
+
+        table = prepare(read_csv_messages(args.check_csv), str(args.check_csv), 0.0, 0.0)
+        conversations = conversations_from_table(table)[: args.max_conversations]
+
+    from nextword.export import export_onnx
+    from nextword.modeldir import load_trained, onnx_file
+
+    model = load_trained(args.model)[0]
+    out = Path(args.out) if args.out else onnx_file(args.model, args.int8)
+    size = export_onnx(model, out, int8=args.int8)
+    result = {"format": args.format, "model": str(args.model), "out": str(out), "int8": args.int8,
+              "bytes": size, "megabytes": round(size / 1e6, 2)}
+    if conversations is not None:
+        result["check"] = {"csv": str(args.check_csv), **check_export(args.model, out, args.int8, conversations)}
+    print(json.dumps(result, indent=2))
+
+
+def check_export(model_dir, onnx, int8: bool, conversations) -> dict:
+    """The engine on the ONNX graph against the engine on PyTorch, typing ``conversations`` with the folder's settings.
+
+    The top suggestions are compared with PyTorch in float32, the model as trained, which an int8 graph
+    approximates; keystroke savings and latency with PyTorch at the same int8 setting, the backend it replaces.
+    """
+    from nextword.engine import Engine
+    from nextword.keystrokes import agreement, simulate
+
+    on_torch = Engine.load(model_dir, overrides={"backend": "torch", "int8": int8})
+    exported = Engine.load(model_dir, overrides={"backend": "onnx", "int8": int8}, onnx=onnx)
+    reference = Engine.load(model_dir, overrides={"backend": "torch", "int8": False}) if int8 else on_torch
+    k = on_torch.options.suggestions
+    agree = agreement(reference, exported, conversations, k)
+    keys = {name: simulate(engine, conversations, k) for name, engine in (("torch", on_torch), ("onnx", exported))}
+    return {
+        "engine": on_torch.options.model_dump(exclude={"ngram_order", "banned_words", "backend"}),
+        "conversations": keys["torch"].conversations,
+        "messages": keys["torch"].messages,
+        "words": keys["torch"].words,
+        "top1_agreement": agree.top1,  # with the PyTorch engine in float32
+        "agreement_keystrokes": agree.keystrokes,
+        "max_prob_difference": agree.max_prob_difference,
+        "ksr": {name: report.ksr for name, report in keys.items()},
+        "ksr_difference_points": 100 * (keys["onnx"].ksr - keys["torch"].ksr),
+        # per keystroke on one thread, wall-clock and the thread's CPU time, over the keystrokes each one timed
+        "latency_ms": {name: {"p50": r.latency_p50_ms, "p99": r.latency_p99_ms, "cpu_p50": r.cpu_p50_ms,
+                              "cpu_p99": r.cpu_p99_ms, "keystrokes": r.latency_keystrokes}
+                       for name, r in keys.items()},
+    }
+
+
 # ----------------------------------------------------------------------------- the parser
 
 
@@ -298,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         shown.add_argument("--skip-rejected", dest="show_rejected", action="store_false",
                            help="while typing, leave out the words already shown for this word")
         engine.add_argument("--fp32", action="store_true", help="float32 weights instead of int8")
+        engine.add_argument("--backend", choices=BACKENDS,
+                            help="what runs the model step: PyTorch, or the folder's ONNX export in ONNX Runtime")
         if k:
             engine.add_argument("-k", type=positive_int, help="how many suggestions")
         if speaker:
@@ -342,6 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log", metavar="FILE", help="keystroke log (JSONL)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="the model step as an ONNX graph, checked against PyTorch",
+                       description=cmd_export.__doc__)
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder (default {DEFAULT_MODEL})")
+    p.add_argument("--out", metavar="FILE",
+                   help="where to write it (default: in the model folder, model.onnx or model.int8.onnx, "
+                        "where engine.backend onnx reads it)")
+    p.add_argument("--int8", action="store_true", help="int8 weights (ONNX Runtime's dynamic quantization)")
+    p.add_argument("--check-csv", metavar="CSV",
+                   help="type these messages (speaker, text, optional conversation_id) on both backends and "
+                        "report top-1 agreement, keystroke savings and latency")
+    p.add_argument("--max-conversations", type=positive_int, help="only the CSV's first N conversations")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("params", help="write params.yaml from conf/ for a preset (toy or chat)",
                        description=cmd_params.__doc__)

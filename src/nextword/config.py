@@ -18,6 +18,8 @@ SPEAKERS = ("user", "agent")  # the two sides of a chat, in the order the CLI an
 
 Speaker = Literal[SPEAKERS]
 
+BACKENDS = ("torch", "onnx")  # what runs the engine's model step (nextword.backends)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -144,6 +146,9 @@ class EngineParams(_Section):
     # completion from one who types on without looking.
     skip_rejected: bool
     int8: bool  # int8 weights for the model step (dynamic quantization): faster on CPU
+    # What runs the model step: PyTorch, or the step exported to ONNX in ONNX Runtime (the bundle stage
+    # writes it into the model folder, model.int8.onnx with int8, else model.onnx); the rest of the engine is the same.
+    backend: Literal[BACKENDS]
     # Words never suggested nor completed, one per line; the bundle stage copies the list into the model folder.
     banned_words: str | None
 

@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 from nextword import decoding
+from nextword.backends import OnnxStep, TorchStep
 from nextword.config import EngineParams
 from nextword.errors import NextwordError
-from nextword.modeldir import load_servable, read_banned_words
+from nextword.modeldir import load_servable, onnx_file, read_banned_words
 from nextword.ngram import KneserNey
 from nextword.text import PUNCTUATION, is_word, tokenize
 from nextword.vocab import EOS, SPEAKER_TAG
@@ -72,11 +73,15 @@ class Suggestion:
 
 
 class Engine:
-    """A loaded model plus everything precomputed for fast lookups."""
+    """A loaded model plus everything precomputed for fast lookups.
+
+    ``backend`` runs the model step (:mod:`nextword.backends`); by default ``model`` in PyTorch.
+    """
 
     def __init__(self, model, vocab, config: dict, banned: set[str], ngram: KneserNey | None,
-                 options: EngineParams):
+                 options: EngineParams, backend=None):
         self.model = model.eval()
+        self.backend = backend or TorchStep(self.model)
         self.vocab = vocab
         self.config = config
         self.options = options
@@ -101,17 +106,23 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, options: EngineParams | None = None,
-             overrides: dict | None = None) -> "Engine":
+             overrides: dict | None = None, onnx: str | Path | None = None) -> "Engine":
         """Load a servable model folder with the engine settings it was evaluated with.
 
         ``options`` replaces those settings whole; ``overrides`` changes single ones (the CLI's flags).
+        With ``backend: onnx`` the step runs the folder's exported graph (``model.int8.onnx`` with
+        ``int8``, else ``model.onnx``), or the one at ``onnx``.
         """
         torch.set_num_threads(1)  # one step of a small model: threads cost more than they give
         servable = load_servable(model_dir, options, overrides)
         options = servable.options
-        model = quantize_int8(servable.model) if options.int8 else servable.model
+        model, backend = servable.model, None
+        if options.backend == "onnx":
+            backend = OnnxStep(onnx or onnx_file(model_dir, options.int8), model.config)
+        elif options.int8:
+            model = quantize_int8(model)
         return cls(model, servable.vocab, servable.config, read_banned_words(options.banned_words), servable.ngram,
-                   options)
+                   options, backend)
 
     @property
     def caching(self) -> bool:
@@ -139,14 +150,12 @@ class Engine:
             p[ids] += w * n / n.sum()
         return np.log(p, out=p)
 
-    @torch.no_grad()
     def run(self, token_ids: list[int], state):
         """Advance the model over ``token_ids``: (log-probs of the next token as numpy, new state).
 
-        The output layer, the largest part of a step, runs only for the last token.
+        The state is the backend's own kind, None before the first step.
         """
-        feats, state = self.model.features(torch.tensor([token_ids]), state)
-        return self.model.log_probs(feats[:, -1])[0].numpy(), state
+        return self.backend.run(token_ids, state)
 
     def step(self, token_id: int, state):
         """Advance the model by one token: the ``step`` function the decoders use.

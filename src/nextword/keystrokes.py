@@ -172,3 +172,45 @@ def simulate(
         latency_keystrokes=len(lat),
     )
 
+
+
+@dataclass
+class Agreement:
+    keystrokes: int  # strips compared: one per prefix of every word typed
+    top1: float  # the fraction of them whose first suggestion is the same
+    positions: int  # next-token distributions compared: one per word start
+    max_prob_difference: float  # the largest difference of one token's probability between the two
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def agreement(reference: Engine, other: Engine, conversations: Iterable[Conversation], k: int = 3) -> Agreement:
+    """How often ``other`` shows the first suggestion ``reference`` shows, typing the same conversations.
+
+    Both engines type every word letter by letter, as :func:`simulate` does, and
+    the strip of ``k`` suggestions after every prefix (the empty one too) is
+    compared by its first word; the whole next-token distributions are compared
+    at the start of every word.
+    """
+    keystrokes = same = positions = 0
+    largest = 0.0
+    for conversation in conversations:
+        sessions = reference.session(), other.session()
+        for speaker, text in conversation:
+            for session in sessions:
+                session.start_message(speaker)
+            for token in tokenize(text):
+                if is_word(token):
+                    a, b = (np.exp(s.log_probs.astype(np.float64)) for s in sessions)
+                    largest = max(largest, float(np.abs(a - b).max()))
+                    positions += 1
+                    for i in range(len(token)):
+                        first = [s.suggest(token[:i], k, typing=True)[:1] for s in sessions]
+                        keystrokes += 1
+                        same += [x.word for x in first[0]] == [x.word for x in first[1]]
+                for session in sessions:
+                    session.feed(token)
+            for session in sessions:
+                session.end_message()
+    return Agreement(keystrokes, same / keystrokes if keystrokes else 0.0, positions, largest)

@@ -9,6 +9,11 @@ whether messages carry speaker tags). The bundle stage copies it into the
 * ``ngram.npz``: the Kneser-Ney n-gram the engine mixes in (when ``engine.ngram_order`` > 0);
 * ``banned_words.txt``: the banned-word list (when ``engine.banned_words`` names one).
 
+With ``engine.backend: onnx`` the bundle stage also writes the model step as
+an ONNX graph, which the engine runs in ONNX Runtime: ``model.int8.onnx``
+with ``engine.int8``, else ``model.onnx``. ``nextword export --format onnx``
+writes either into any model folder.
+
 The evaluate and sample stages, the CLI, the web page and the MLflow model all
 load the servable folder, so they serve the settings the pipeline evaluated.
 Nothing is pickled: tensors load with ``weights_only=True``, arrays with
@@ -39,6 +44,7 @@ from nextword.vocab import Vocab
 WEIGHTS, VOCAB, CONFIG = "weights.pt", "vocab.json", "config.json"
 ENGINE, NGRAM, BANNED = "engine.json", "ngram.npz", "banned_words.txt"
 TRAINED_FILES = (WEIGHTS, VOCAB, CONFIG)
+ONNX, ONNX_INT8 = "model.onnx", "model.int8.onnx"
 
 # What a damaged file raises when it is read: weights_only refuses anything but tensors, and a
 # truncated or foreign file fails in the unpickler, zip reader, JSON parser or numpy.
@@ -88,6 +94,11 @@ def load_trained(path, device="cpu") -> tuple[LanguageModel, Vocab, dict]:
     except LOAD_ERRORS as err:
         raise _damaged(path / WEIGHTS, err) from None
     return model.to(device).eval(), vocab, config
+
+
+def onnx_file(path, int8: bool) -> Path:
+    """Where a model folder keeps its exported ONNX step: float32 or int8 weights."""
+    return Path(path) / (ONNX_INT8 if int8 else ONNX)
 
 
 def read_banned_words(path: str | Path | None) -> set[str]:

@@ -3,6 +3,8 @@
 Everything that serves the model (the evaluate and sample stages, the CLI, the
 web page, the MLflow model) loads this folder and the settings in it, so an
 ``engine`` param change reruns this stage and what follows it, never training.
+With ``engine.backend: onnx`` it also exports the model step the engine runs
+(``model.onnx``, or ``model.int8.onnx`` with ``engine.int8``).
 """
 
 import time
@@ -10,7 +12,7 @@ import time
 import numpy as np
 
 from nextword import stage
-from nextword.modeldir import write_servable
+from nextword.modeldir import load_trained, onnx_file, write_servable
 from nextword.ngram import KneserNey, stream_from_windows
 from nextword.vocab import Vocab
 
@@ -25,6 +27,12 @@ def main(args, params):
                               engine.ngram_order)
         print(f"the engine's {engine.ngram_order}-gram fitted in {time.perf_counter() - started:.1f} s")
     write_servable(args.out, args.trained, engine, ngram)
+    if engine.backend == "onnx":
+        from nextword.export import export_onnx
+
+        path = onnx_file(args.out, engine.int8)
+        size = export_onnx(load_trained(args.out)[0], path, int8=engine.int8)
+        print(f"{path}: the model step for ONNX Runtime, {size / 1e6:.1f} MB")
     print(f"{args.out}: engine settings {engine.model_dump()}")
 
 

@@ -1,0 +1,85 @@
+"""The model step the engine runs: in PyTorch, or the exported ONNX graph in ONNX Runtime.
+
+Both have one method, ``run(token_ids, state)``: the ids of one step (the
+engine runs every committed token in one call), and the recurrent state
+after the previous step (None before the first), give the log-probabilities
+of the token after the last of them (a numpy vector over the vocabulary) and
+the new state. The engine keeps the state and hands it back; it never looks
+inside, so each backend carries its own kind.
+
+The ONNX graph (:func:`nextword.export.export_onnx` writes it) is one such
+step with the state as explicit inputs and outputs, since ONNX Runtime keeps
+nothing between calls: inputs ``ids`` ([1, steps] int64), ``h`` and, for an
+LSTM, ``c`` ([layers, 1, hidden] each); outputs ``log_probs`` ([1, vocabulary],
+the last position only) and the new ``h_out`` and ``c_out``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nextword.config import ModelConfig
+from nextword.errors import NextwordError
+
+
+def state_names(config: ModelConfig) -> list[str]:
+    """The graph's state inputs, in order: ``h`` and ``c`` for an LSTM, ``h`` for a GRU."""
+    return ["h", "c"] if config.cell == "lstm" else ["h"]
+
+
+def input_names(config: ModelConfig) -> list[str]:
+    return ["ids", *state_names(config)]
+
+
+def output_names(config: ModelConfig) -> list[str]:
+    return ["log_probs", *(f"{name}_out" for name in state_names(config))]
+
+
+class TorchStep:
+    """The step in PyTorch; the state is the model's own (a tensor, or a pair for an LSTM)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def run(self, token_ids: list[int], state):
+        # The output layer, the largest part of a step, runs only for the last token.
+        feats, state = self.model.features(torch.tensor([token_ids]), state)
+        return self.model.log_probs(feats[:, -1])[0].numpy(), state
+
+
+class OnnxStep:
+    """The exported step in an ONNX Runtime session on one thread; the state is a tuple of numpy arrays."""
+
+    def __init__(self, path: str | Path, config: ModelConfig):
+        import onnxruntime
+
+        path = Path(path)
+        if not path.is_file():
+            raise NextwordError(f"{path}: no such file; write it with `nextword export --format onnx`")
+        options = onnxruntime.SessionOptions()
+        # One step of a small model: threads cost more than they give, as for PyTorch (Engine.load).
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...)
+            text = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise NextwordError(f"{path}: damaged, cannot be loaded ({text})") from None
+        inputs = [i.name for i in self.session.get_inputs()]
+        vocab = self.session.get_outputs()[0].shape[-1]
+        if inputs != input_names(config) or vocab != config.vocab_size:
+            raise NextwordError(f"{path}: not a step of this model (inputs {inputs}, {vocab} log-probs; "
+                                f"expected {input_names(config)}, {config.vocab_size}); export it again")
+        self.names = state_names(config)
+        self.zeros = tuple(np.zeros((config.layers, 1, config.hidden), dtype=np.float32) for _ in self.names)
+
+    def run(self, token_ids: list[int], state):
+        feeds = dict(zip(self.names, self.zeros if state is None else state))
+        feeds["ids"] = np.array([token_ids], dtype=np.int64)
+        log_probs, *state = self.session.run(None, feeds)
+        return log_probs[0], tuple(state)

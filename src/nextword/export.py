@@ -1,0 +1,127 @@
+"""One model step as an ONNX graph, optionally with int8 weights, for ONNX Runtime.
+
+The graph is :class:`StepGraph`: the token ids of a step and the recurrent
+state in, the next-token log-probabilities after the last id and the new state
+out (:mod:`nextword.backends` names the inputs and outputs and runs it). The
+number of ids is a dynamic axis, so the engine runs a step of any length.
+
+PyTorch's TorchScript-based exporter (``dynamo=False``) writes it: each
+recurrent layer becomes one ONNX ``LSTM`` (or ``GRU``) op, and it needs no
+package beyond torch and onnx. ``AdaptiveLogSoftmaxWithLoss.log_prob`` exports
+too, but as a vocabulary-sized buffer filled by ``ScatterND`` with index grids
+built at run time; :func:`adaptive_log_prob` is the same computation as one
+concatenation, which is what is exported.
+
+``int8`` quantizes the exported graph with ONNX Runtime's dynamic quantization:
+the weights of the embedding, the recurrent layers and the output layers are
+stored in 8 bits, a quarter of float32, and the activations are quantized on
+the fly at every call. The choices, measured on a model of the chat preset's
+shape typing chat conversations (``nextword export --int8 --check-csv``):
+
+* Unsigned weights (``QUInt8``), not signed (``QInt8``): as close to float32
+  and no slower here, and ONNX Runtime's guidance gives the unsigned-unsigned
+  products as free of the overflow that signed weights risk on CPUs without VNNI.
+* One scale per output column for the recurrent layers and for the output
+  layer's first matrix (the adaptive softmax's head, or the full softmax's
+  decoder), which every word's probability goes through: one scale for all
+  of its columns turned the top suggestion several times more often. One
+  scale per tensor for the embedding and the tail clusters, where per column
+  bought no agreement and cost time.
+
+ONNX Runtime quantizes LSTM layers but not GRU layers, which stay in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextword.backends import input_names, output_names
+from nextword.files import atomic_path
+from nextword.model import LanguageModel
+
+OPSET = 17
+
+
+def adaptive_log_prob(head: nn.AdaptiveLogSoftmaxWithLoss, features: torch.Tensor) -> torch.Tensor:
+    """``head.log_prob(features)`` as a concatenation: the shortlist's log-probs, then each cluster's.
+
+    A word in tail cluster ``i`` has the log-prob of the cluster in the head
+    (the head's entry ``shortlist + i``) plus its own log-prob within the cluster.
+    """
+    head_log_probs = F.log_softmax(head.head(features), dim=-1)
+    parts = [head_log_probs[:, : head.shortlist_size]]
+    for i, cluster in enumerate(head.tail):
+        cluster_log_prob = head_log_probs[:, head.shortlist_size + i: head.shortlist_size + i + 1]
+        parts.append(F.log_softmax(cluster(features), dim=-1) + cluster_log_prob)
+    return torch.cat(parts, dim=-1)
+
+
+class StepGraph(nn.Module):
+    """What is exported: ``(ids, h[, c]) -> (log_probs, h_out[, c_out])`` for one step of ``model``."""
+
+    def __init__(self, model: LanguageModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None):
+        model = self.model
+        feats, state = model.features(ids, h if c is None else (h, c))
+        if model.head is not None:
+            log_probs = adaptive_log_prob(model.head, feats[:, -1])
+        else:  # [1, 1, features] in: the exporter writes MatMul and Add, not the Gemm it writes for a matrix
+            log_probs = F.log_softmax(model.decoder(feats[:, -1:]), dim=-1)[:, 0]
+        return (log_probs, *state) if c is not None else (log_probs, state)
+
+
+def export_onnx(model: LanguageModel, path: str | Path, int8: bool = False) -> int:
+    """Write ``model``'s step to ``path`` as ONNX (int8 weights with ``int8``); its size in bytes."""
+    config = model.config
+    model = model.cpu().eval()
+    state = torch.zeros(config.layers, 1, config.hidden)
+    example = (torch.tensor([[1, 2]]), *([state] * (len(input_names(config)) - 1)))
+    with atomic_path(path) as tmp:
+        graph = tmp.with_name("float32.onnx") if int8 else tmp
+        with warnings.catch_warnings():
+            # The exporter warns that it is the legacy one, and that an LSTM exported without its
+            # state as an input fixes the batch size; the state is an input, and the batch is 1.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(StepGraph(model), example, str(graph), dynamo=False, opset_version=OPSET,
+                              input_names=input_names(config), output_names=output_names(config),
+                              dynamic_axes={"ids": {1: "steps"}})
+        if int8:
+            quantize(graph, tmp)
+        size = tmp.stat().st_size
+    return size
+
+
+def per_column_nodes(graph: Path) -> list[str]:
+    """The nodes quantized with a scale per column: the recurrent layers and the output layer's first matrix."""
+    import onnx
+
+    nodes = onnx.load(graph).graph.node
+    # The exporter names nodes by the module that made them: head.head (adaptive_log_prob) or decoder.
+    head = [n.name for n in nodes if n.op_type == "MatMul" and n.name.startswith(("/head/", "/decoder/"))]
+    if len(head) != 1:
+        raise RuntimeError(f"{graph}: expected one output-layer matrix, found {head}")
+    return [n.name for n in nodes if n.op_type == "LSTM"] + head
+
+
+def quantize(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic quantization of the graph at ``source``, written to ``target`` (see above)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    per_column = per_column_nodes(source)
+    per_tensor = target.with_name("per_tensor.onnx")
+    logging.disable(logging.WARNING)  # its advice to pre-process the graph, which changes nothing here
+    try:
+        quantize_dynamic(source, per_tensor, weight_type=QuantType.QUInt8, nodes_to_exclude=per_column)
+        quantize_dynamic(per_tensor, target, weight_type=QuantType.QUInt8, nodes_to_quantize=per_column,
+                         per_channel=True)
+    finally:
+        logging.disable(logging.NOTSET)

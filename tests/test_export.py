@@ -1,0 +1,224 @@
+"""The model step exported to ONNX: the same numbers as PyTorch, and the engine on it the same engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PLAIN, TINY_CONVERSATION, model_config
+from nextword.backends import OnnxStep, TorchStep
+from nextword.cli import build_parser, engine_overrides, main
+from nextword.decoding import STRATEGIES
+from nextword.engine import Engine
+from nextword.errors import NextwordError
+from nextword.export import adaptive_log_prob, export_onnx
+from nextword.model import LanguageModel
+from nextword.modeldir import load_trained
+from nextword.text import is_word, tokenize
+from nextword.windows import message_tokens
+
+ONNX = PLAIN.model_copy(update={"backend": "onnx"})
+
+
+def nextword(capfd, *args) -> tuple[int, str, str]:
+    """Run the command line in this process: (exit status, stdout, stderr), as written to the file descriptors."""
+    try:
+        main([str(a) for a in args])
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
+def random_model(seed: int = 0, **shape) -> LanguageModel:
+    """A small model with random weights, wider than the usual init so that its distributions are not flat."""
+    torch.manual_seed(seed)
+    model = LanguageModel(model_config(60, **({"embedding": 8, "hidden": 16, "layers": 2} | shape))).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_the_adaptive_softmax_written_for_export_equals_pytorchs():
+    head = random_model(adaptive_softmax=True, cutoffs=[10, 30]).head
+    features = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = head.log_prob(features)
+        ours = adaptive_log_prob(head, features)
+    assert ours.shape == (5, 60)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.exp().sum(-1), torch.ones(5))
+
+
+@pytest.mark.parametrize("shape", [
+    {"adaptive_softmax": True, "cutoffs": [10, 30]},  # the chat preset's output layer, two tail clusters
+    {},  # the full softmax
+    {"tie_weights": True},  # the decoder shares the embedding, through a projection
+    {"cell": "gru", "layers": 1},  # only h for a state
+], ids=["lstm-adaptive", "lstm-softmax", "tied", "gru"])
+def test_the_exported_step_gives_pytorchs_log_probs_and_state(tmp_path, shape):
+    model = random_model(**shape)
+    export_onnx(model, tmp_path / "step.onnx")
+    exported, reference = OnnxStep(tmp_path / "step.onnx", model.config), TorchStep(model)
+    onnx_state = torch_state = None
+    for ids in ([4, 7, 9, 2], [11], [5, 5]):  # several ids in one call, one id, and the state carried between
+        onnx_lp, onnx_state = exported.run(ids, onnx_state)
+        torch_lp, torch_state = reference.run(ids, torch_state)
+        assert onnx_lp.shape == (60,) and onnx_lp.dtype == np.float32
+        np.testing.assert_allclose(onnx_lp, torch_lp, rtol=0, atol=1e-5)
+        torch_states = torch_state if isinstance(torch_state, tuple) else (torch_state,)
+        assert len(onnx_state) == len(torch_states)
+        for ours, theirs in zip(onnx_state, torch_states):
+            np.testing.assert_allclose(ours, theirs.numpy(), rtol=0, atol=1e-5)
+
+
+def stream_ids(vocab) -> list[int]:
+    return vocab.encode([t for speaker, text in TINY_CONVERSATION
+                         for t in message_tokens(speaker, tokenize(text), True)])
+
+
+def test_int8_is_smaller_and_picks_the_same_next_token_as_float32(tiny_model_dir, tmp_path):
+    model, vocab, _ = load_trained(tiny_model_dir)
+    fp32 = export_onnx(model, tmp_path / "model.onnx")
+    int8 = export_onnx(model, tmp_path / "model.int8.onnx", int8=True)
+    assert int8 < fp32 / 2 and (tmp_path / "model.int8.onnx").stat().st_size == int8
+    exported, reference = OnnxStep(tmp_path / "model.int8.onnx", model.config), TorchStep(model)
+    onnx_state = torch_state = None
+    ids = stream_ids(vocab)
+    for token in ids:
+        onnx_lp, onnx_state = exported.run([token], onnx_state)
+        torch_lp, torch_state = reference.run([token], torch_state)
+        assert onnx_lp.argmax() == torch_lp.argmax()
+        np.testing.assert_allclose(np.exp(onnx_lp), np.exp(torch_lp), atol=0.05)
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "softmax"])
+def test_int8_gives_a_scale_per_column_to_the_recurrent_layers_and_the_output_layer(tmp_path, adaptive):
+    import onnx
+
+    model = random_model(**({"adaptive_softmax": True, "cutoffs": [10, 30]} if adaptive else {}))
+    export_onnx(model, tmp_path / "step.onnx", int8=True)
+    scales = [list(i.dims) for i in onnx.load(tmp_path / "step.onnx").graph.initializer if i.name.endswith("_scale")]
+    per_column = sorted(max(dims) for dims in scales if dims and max(dims) > 1)
+    # two layers' input and recurrent matrices, 4 gates x 16 hidden; then the head (10 words + 2 clusters) or decoder
+    assert per_column == sorted([64] * 4 + [12 if adaptive else 60])
+    assert len(scales) - len(per_column) == (5 if adaptive else 1)  # per tensor: the embedding and the tails
+
+
+@pytest.fixture(scope="module")
+def exported_dir(tiny_model_dir, tmp_path_factory):
+    """A copy of the tiny model folder with its float32 step exported where engine.backend onnx reads it."""
+    folder = tmp_path_factory.mktemp("exported") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    export_onnx(load_trained(folder)[0], folder / "model.onnx")
+    return folder
+
+
+def test_the_engine_on_onnx_suggests_and_completes_as_on_pytorch(exported_dir):
+    on_torch = Engine.load(exported_dir, options=PLAIN)
+    on_onnx = Engine.load(exported_dir, options=ONNX)
+    assert isinstance(on_onnx.backend, OnnxStep) and isinstance(on_torch.backend, TorchStep)
+    cases = [("user", "good morning , how are "), ("agent", "i like to read b"), ("user", "what do you "),
+             ("agent", "i am fine , thank you ")]
+    for speaker, text in cases:
+        a, b = on_torch.session(), on_onnx.session()
+        a.add_message(*TINY_CONVERSATION[0])
+        b.add_message(*TINY_CONVERSATION[0])
+        partial = a.type_text(speaker, text)
+        assert b.type_text(speaker, text) == partial
+        np.testing.assert_allclose(b.log_probs, a.log_probs, rtol=0, atol=1e-5)
+        assert [s.word for s in b.suggest(partial, 3)] == [s.word for s in a.suggest(partial, 3)]
+        for strategy in STRATEGIES:
+            expected = a.complete(strategy, max_words=8, seed=1, prefix=partial)
+            assert b.complete(strategy, max_words=8, seed=1, prefix=partial) == expected, (strategy, text)
+    session = on_onnx.session()
+    session.type_text("user", "good morning , how are ")
+    assert session.complete("greedy") == ["you", "today", "?"]
+
+
+def test_the_onnx_backend_without_an_export_is_a_one_line_error(tiny_model_dir, tmp_path):
+    with pytest.raises(NextwordError, match=r"model\.int8\.onnx: no such file; .*nextword export") as err:
+        Engine.load(tiny_model_dir, options=ONNX.model_copy(update={"int8": True}))
+    assert "\n" not in str(err.value)
+    (tmp_path / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(NextwordError, match="model.onnx: damaged"):
+        Engine.load(tiny_model_dir, options=ONNX, onnx=tmp_path / "model.onnx")
+    other = random_model()  # another model's step: its vocabulary has another size
+    export_onnx(other, tmp_path / "other.onnx")
+    with pytest.raises(NextwordError, match="not a step of this model"):
+        Engine.load(tiny_model_dir, options=ONNX, onnx=tmp_path / "other.onnx")
+
+
+def test_the_backend_flag_reaches_the_engine():
+    args = build_parser().parse_args(["suggest", "--backend", "onnx", "hi"])
+    assert engine_overrides(args) == {"backend": "onnx"}
+    assert "backend" not in engine_overrides(build_parser().parse_args(["suggest", "hi"]))
+
+
+def test_export_prints_one_json_object_with_the_check(tiny_model_dir, tmp_path, capfd):
+    chat_csv = tmp_path / "chat.csv"
+    with open(chat_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["conversation_id", "speaker", "text"])
+        writer.writerows([c, speaker, text] for c in ("c0", "c1") for speaker, text in TINY_CONVERSATION)
+    out = tmp_path / "step.int8.onnx"
+    status, stdout, stderr = nextword(capfd, "export", "--format", "onnx", "--model", tiny_model_dir, "--out", out,
+                                      "--int8", "--check-csv", chat_csv)
+    assert status == 0, stderr
+    report = json.loads(stdout)  # the whole output is one object
+    assert report["out"] == str(out) and report["int8"] is True
+    assert report["bytes"] == out.stat().st_size and report["megabytes"] == round(out.stat().st_size / 1e6, 2)
+    assert not (tiny_model_dir / "model.int8.onnx").exists()  # --out, not the folder
+    check = report["check"]
+    assert (check["conversations"], check["messages"], check["words"]) == (2, 8, 58)
+    words = [w for _, text in TINY_CONVERSATION for w in tokenize(text) if is_word(w)] * 2
+    assert check["agreement_keystrokes"] == sum(len(w) for w in words)
+    assert check["top1_agreement"] == 1.0 and check["ksr"]["onnx"] == check["ksr"]["torch"] > 0.5
+    assert check["ksr_difference_points"] == 0 and 0 < check["max_prob_difference"] < 0.05
+    for backend in ("torch", "onnx"):
+        assert 0 < check["latency_ms"][backend]["p50"] <= check["latency_ms"][backend]["p99"]
+
+
+def test_the_export_of_a_missing_model_folder_is_a_one_line_error(tmp_path, capfd):
+    status, stdout, stderr = nextword(capfd, "export", "--model", tmp_path / "nothing", "--out", tmp_path / "x.onnx")
+    assert status == 2 and stdout == ""
+    assert stderr == f"error: {tmp_path / 'nothing'}: no such model folder; run the pipeline or pass --model\n"
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_suggest_on_the_onnx_backend(exported_dir, capfd):
+    words = {}
+    for backend in ("torch", "onnx"):
+        status, stdout, stderr = nextword(capfd, "suggest", "--model", exported_dir, "--fp32", "--backend", backend,
+                                          "--speaker", "agent", "i am fine , ")
+        assert status == 0, stderr
+        words[backend] = [line.split("\t")[0] for line in stdout.splitlines()]
+    assert words["onnx"][0] == "thank" and words["onnx"] == words["torch"]
+
+
+def test_the_bundle_stage_exports_the_step_when_the_backend_is_onnx(tiny_model_dir, tmp_path):
+    import argparse
+    import importlib.util
+
+    from conftest import DEFAULTS, ENGINE, ROOT
+
+    spec = importlib.util.spec_from_file_location("bundle", ROOT / "src/stages/bundle.py")
+    bundle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle)
+    engine = ENGINE.model_copy(update={"backend": "onnx", "int8": True, "ngram_order": 0})
+    args = argparse.Namespace(trained=tiny_model_dir.with_name("model.trained"), vocab=None, windows=None,
+                              out=tmp_path / "model")
+    bundle.main(args, DEFAULTS.model_copy(update={"engine": engine}))
+    assert (args.out / "model.int8.onnx").is_file() and not (args.out / "model.onnx").exists()
+    served = Engine.load(args.out)  # with the settings the folder holds: onnx, int8
+    assert isinstance(served.backend, OnnxStep)
+    session = served.session()
+    session.type_text("user", "good morning , how are ")
+    assert session.suggest("")[0].word == "you"
