@@ -56,14 +56,24 @@ def quantize_int8(model):
     hidden); in float32 that is tens of megabytes, more than a CPU cache, so
     a step is bound by memory bandwidth. In int8 it is a quarter of that and
     a step is several times faster, for log-probabilities within about 1e-2.
-    The API is deprecated in favour of torchao but present in the pinned torch.
+
+    ``torch.ao.quantization`` is deprecated, and PyTorch points to torchao, whose
+    dynamic quantization covers linear layers but not ``nn.LSTM``/``nn.GRU``.
+    The decision: the PyTorch backend keeps this API while the pinned torch
+    ships it, and gains no torchao dependency; int8 goes forward on the ONNX
+    backend (``engine.backend: onnx``, ONNX Runtime's own dynamic quantization).
+    Once a torch without it is pinned, int8 on the PyTorch backend is refused in one line.
     """
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.Linear},
-                                                      dtype=torch.qint8)
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            raise NextwordError(f"torch {torch.__version__} has no dynamic quantization: "
+                                "set engine.int8 false (--fp32), or engine.backend onnx") from None
+        return quantize_dynamic(model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.Linear}, dtype=torch.qint8)
 
 
 @dataclass
