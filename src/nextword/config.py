@@ -120,9 +120,9 @@ class EvaluateParams(_Section):
     # Keystroke simulation on the first N test conversations (0: all of them);
     # it types every character, so it is capped to keep `dvc repro` short.
     ksr_conversations: int = Field(ge=0)
-
-
     ablation_conversations: int = Field(ge=0)  # the KSR of each engine part, on the first N (0: all)
+
+
 class EngineParams(_Section):
     """How the suggestion engine (:mod:`nextword.engine`) turns the model into suggestions.
 
