@@ -75,12 +75,15 @@ def test_typing_shows_suggestions_and_tab_or_click_accepts_them(page, site):
 
     box.press_sequentially("i am ", delay=15)
     expect(page.get_by_test_id("suggestion").first).to_have_attribute("data-word", "fine")
-    # Typing on past the strip: "fine" was passed over, so the completions of "f" are the others.
+    # Typing on past the strip: the likeliest completion of "f" is still shown (skip_rejected is off by
+    # default: the page never hides a word because it was on the strip a letter earlier).
     box.press_sequentially("f", delay=15)
-    expect(page.get_by_test_id("suggestion")).to_have_count(2)
-    expect(page.get_by_test_id("suggestion").first).to_have_attribute("data-word", "for")
+    expect(page.get_by_test_id("suggestion")).to_have_count(3)
+    expect(page.get_by_test_id("suggestion").first).to_have_attribute("data-word", "fine")
+    # its label is its probability given the letter typed, a whole percent, never a rounded "0.0%"
+    expect(page.get_by_test_id("suggestion").first.locator(".probability")).to_have_text(re.compile(r"^\d+%$"))
     box.press("Tab")
-    expect(box).to_have_value("i am for ")
+    expect(box).to_have_value("i am fine ")
 
     # The live panel and the log count the three accepted suggestions.
     expect(page.get_by_test_id("counts")).to_have_text(re.compile(r"^3 / \d+$"))
@@ -88,7 +91,7 @@ def test_typing_shows_suggestions_and_tab_or_click_accepts_them(page, site):
     expect(page.get_by_test_id("latency")).to_have_text(re.compile(r"ms / .* ms$"))
     events = [json.loads(line) for line in log_path.read_text().splitlines()]
     accepted = [(e["word"], e["via"], e["typed"]) for e in events if e["type"] == "accepted"]
-    assert accepted == [("you", "tab", 0), ("today", "click", 0), ("for", "tab", 1)]
+    assert accepted == [("you", "tab", 0), ("today", "click", 0), ("fine", "tab", 1)]
     assert any(e["type"] == "keystroke" and e["latency_ms"] > 0 for e in events)
 
 
