@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nextword.config import ModelConfig
-from nextword.errors import NextwordError
+from nextword.errors import NextwordError, damaged
 
 
 def state_names(config: ModelConfig) -> list[str]:
@@ -68,8 +68,7 @@ class OnnxStep:
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...)
-            text = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise NextwordError(f"{path}: damaged, cannot be loaded ({text})") from None
+            raise damaged(path, err) from None
         inputs = [i.name for i in self.session.get_inputs()]
         vocab = self.session.get_outputs()[0].shape[-1]
         if inputs != input_names(config) or vocab != config.vocab_size:

@@ -11,6 +11,17 @@ class NextwordError(Exception):
     """A problem with the user's input or params: printed as one line, no traceback."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to 200 characters."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def damaged(path, err: BaseException) -> NextwordError:
+    """The one-line error for a file that exists but cannot be read back."""
+    return NextwordError(f"{path}: damaged, cannot be loaded ({first_line(err)})")
+
+
 def exit_on_error(main: Callable[..., None]) -> Callable[..., None]:
     """Run ``main``; on a NextwordError print ``error: <message>`` and exit 2."""
 

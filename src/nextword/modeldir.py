@@ -34,7 +34,7 @@ import torch
 from pydantic import ValidationError
 
 from nextword.config import EngineParams, ModelConfig
-from nextword.errors import NextwordError
+from nextword.errors import NextwordError, damaged
 from nextword.files import atomic_path, read_json, write_json
 from nextword.model import LanguageModel
 from nextword.ngram import KneserNey
@@ -50,15 +50,6 @@ ONNX, ONNX_INT8 = "model.onnx", "model.int8.onnx"
 # truncated or foreign file fails in the unpickler, zip reader, JSON parser or numpy.
 LOAD_ERRORS = (pickle.UnpicklingError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, EOFError,
                ValueError, OSError, ValidationError, IndexError)
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
-
-
-def _damaged(path: Path, err: BaseException) -> NextwordError:
-    return NextwordError(f"{path}: damaged, cannot be loaded ({first_line(err)})")
 
 
 def save_trained(path, model: LanguageModel, vocab: Vocab, extra: dict) -> None:
@@ -82,17 +73,17 @@ def load_trained(path, device="cpu") -> tuple[LanguageModel, Vocab, dict]:
         config = read_json(path / CONFIG)
         model = LanguageModel(ModelConfig.model_validate(config["model"]))
     except LOAD_ERRORS as err:
-        raise _damaged(path / CONFIG, err) from None
+        raise damaged(path / CONFIG, err) from None
     try:
         vocab = Vocab.load(path / VOCAB)
     except LOAD_ERRORS as err:
-        raise _damaged(path / VOCAB, err) from None
+        raise damaged(path / VOCAB, err) from None
     if len(vocab) != model.config.vocab_size:
         raise NextwordError(f"{path / VOCAB}: {len(vocab)} tokens, but {CONFIG} says {model.config.vocab_size}")
     try:
         model.load_state_dict(torch.load(path / WEIGHTS, map_location=device, weights_only=True))
     except LOAD_ERRORS as err:
-        raise _damaged(path / WEIGHTS, err) from None
+        raise damaged(path / WEIGHTS, err) from None
     return model.to(device).eval(), vocab, config
 
 
@@ -146,7 +137,7 @@ def read_engine_options(path) -> EngineParams:
     try:
         options = EngineParams.model_validate(read_json(path / ENGINE))
     except LOAD_ERRORS as err:
-        raise _damaged(path / ENGINE, err) from None
+        raise damaged(path / ENGINE, err) from None
     if options.banned_words:
         options = options.model_copy(update={"banned_words": str(path / options.banned_words)})
     return options
@@ -160,7 +151,7 @@ def load_ngram(path, vocab_size: int) -> KneserNey | None:
     try:
         ngram = KneserNey.load(path)
     except LOAD_ERRORS as err:
-        raise _damaged(path, err) from None
+        raise damaged(path, err) from None
     if ngram.vocab_size != vocab_size:
         raise NextwordError(f"{path}: {ngram.vocab_size} ids, but the vocabulary has {vocab_size}")
     return ngram

@@ -53,7 +53,7 @@ from typing import Iterator
 from filelock import FileLock
 
 from nextword.config import Params, flatten
-from nextword.errors import NextwordError
+from nextword.errors import NextwordError, first_line
 from nextword.files import read_json, write_json
 
 EXPERIMENT = "nextword"
@@ -109,8 +109,7 @@ def connect():
                 mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
             mlflow.set_experiment(EXPERIMENT)
     except Exception as err:  # MLflow raises many types for an unreachable store
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NextwordError(f"MLflow tracking store {uri} is not reachable: {first[:200]}") from None
+        raise NextwordError(f"MLflow tracking store {uri} is not reachable: {first_line(err)}") from None
     return mlflow
 
 
@@ -245,8 +244,7 @@ def resolve_model(model: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
     except Exception as err:  # MLflow raises its own and the store's exceptions for an unknown name or alias
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NextwordError(f"{model}: cannot be loaded from {tracking_uri()}: {first[:200]}") from None
+        raise NextwordError(f"{model}: cannot be loaded from {tracking_uri()}: {first_line(err)}") from None
     folder = local / "artifacts" / "model"
     if not folder.is_dir():
         raise NextwordError(f"{model}: not a nextword model (no artifacts/model in it)")

@@ -87,7 +87,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nextword.config import TrainParams
-from nextword.errors import NextwordError
+from nextword.errors import NextwordError, first_line
 from nextword.files import atomic_path
 from nextword.metrics import evaluate
 from nextword.model import LanguageModel, detach_state
@@ -210,8 +210,7 @@ def read_checkpoint(path: Path, key: str) -> dict | None:
     except Exception as err:  # a truncated or foreign file fails in many ways, all of which mean "damaged"
         aside = path.with_name(path.name + ".damaged")
         os.replace(path, aside)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        log.warning("%s: damaged checkpoint (%s); moved to %s, training starts over", path, reason, aside)
+        log.warning("%s: damaged checkpoint (%s); moved to %s, training starts over", path, first_line(err), aside)
         return None
     if found != key:
         log.info("ignoring %s: it belongs to other code, params or data", path)
