@@ -66,3 +66,11 @@ def test_every_stage_declares_exactly_the_code_it_imports():
 def test_the_closure_follows_lazy_imports(tmp_path):
     # cli imports nextword.server inside a function: the closure must still reach it.
     assert "src/nextword/server.py" in code_closure(PACKAGE / "cli.py")
+
+
+def test_the_commands_default_model_is_the_pipelines_servable_folder():
+    from nextword.cli import DEFAULT_MODEL
+
+    paths = next(v["paths"] for v in yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["vars"]
+                 if "paths" in v)
+    assert DEFAULT_MODEL == paths["model"]
