@@ -28,6 +28,7 @@ import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,8 +112,12 @@ def read_banned_words(path: str | Path | None) -> set[str]:
     return words
 
 
-def write_servable(path, trained: str | Path, options: EngineParams, ngram: KneserNey | None) -> None:
-    """The servable folder: the trained folder's files, the engine settings, its n-gram and banned-word list."""
+def write_servable(path, trained: str | Path, options: EngineParams, ngram: KneserNey | None,
+                   also: Callable[[Path], None] | None = None) -> None:
+    """The servable folder: the trained folder's files, the engine settings, its n-gram and banned-word list.
+
+    ``also(folder)`` writes more files into the folder before it appears, so the folder is whole or absent.
+    """
     trained = Path(trained)
     read_banned_words(options.banned_words)  # refuse a missing or unreadable list before writing anything
     with atomic_path(path) as tmp:
@@ -126,6 +131,8 @@ def write_servable(path, trained: str | Path, options: EngineParams, ngram: Knes
         if ngram is not None:
             ngram.save(tmp / NGRAM)
         write_json(tmp / ENGINE, options.model_copy(update={"banned_words": banned}).model_dump())
+        if also is not None:
+            also(tmp)
 
 
 def read_engine_options(path) -> EngineParams:
