@@ -18,8 +18,11 @@ install: $(PYTHON)
 repro: install
 	$(PYTHON) -m dvc repro
 
+# Two pytest workers, one test file each at a time (a file's module fixtures stay in one worker):
+# CI has two cores. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # The bench trains on the chat windows: build them first (cached after the first time).
 bench: install

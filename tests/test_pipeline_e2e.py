@@ -2,62 +2,22 @@
 
 Copies the project into a fresh git repository with the toy preset and runs the
 pipeline as a user would: `dvc repro`, `dvc exp run -S ...`, param changes, a
-code change, a colleague's `dvc pull`, and queued experiments run by two
-workers. Each test checks what DVC reports against what the outputs, the MLflow
+code change and a colleague's `dvc pull` (queued experiments: test_queue_e2e.py). Each test checks what DVC reports against what the outputs, the MLflow
 store and every serving surface (CLI, web API, MLflow model) hold.
 """
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from dvc_project import all_runs, make_project, mlflow_client
+
 DATA_STAGES = {"ingest", "tokenize", "vocab", "window", "baseline"}
-
-
-def project_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if (ROOT / f).is_file()]
-
-
-def make_project(repo: Path) -> SimpleNamespace:
-    """A copy of the project in a new git repository, with the toy preset committed."""
-    for name in project_files():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["DVC_NO_ANALYTICS"] = "1"
-
-    def run(*args, check=True, cwd=repo, timeout=900):
-        proc = subprocess.run(list(map(str, args)), cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        return proc
-
-    def dvc(*args, **kwargs):
-        return run(sys.executable, "-m", "dvc", *args, **kwargs)
-
-    run("git", "init", "-q")
-    run("git", "config", "user.email", "test@example.com")
-    run("git", "config", "user.name", "test")
-    run(sys.executable, "-m", "nextword.cli", "params", "toy")
-    run("git", "add", "-A")
-    run("git", "commit", "-qm", "toy preset")
-    return SimpleNamespace(path=repo, run=run, dvc=dvc, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +37,6 @@ def walk(node):
     elif isinstance(node, list):
         for v in node:
             yield from walk(v)
-
-
-def mlflow_client(repo: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-
-
-def all_runs(repo: Path) -> list:
-    client = mlflow_client(repo)
-    experiment = client.get_experiment_by_name("nextword")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
 def set_params(repo: Path, **changes) -> None:
@@ -290,31 +238,6 @@ def test_a_pulled_pipeline_is_up_to_date_and_serves_without_training(project, tm
     assert status.stdout.strip().endswith("up to date."), status.stdout
     suggest = project.run(sys.executable, "-m", "nextword.cli", "suggest", "the quick brown ", cwd=clone)
     assert len(suggest.stdout.splitlines()) == 3
-
-
-def test_queued_experiments_with_two_workers_all_land_in_a_fresh_store(tmp_path):
-    project = make_project(tmp_path / "queue")
-    # The data stages touch no MLflow store: run once here, each experiment takes them from DVC's run cache.
-    project.dvc("repro", "fetch_chitchat", "window")
-    assert not (project.path / "mlflow.db").exists()
-    seeds = (1, 2, 3, 4)
-    for seed in seeds:
-        project.dvc("exp", "run", "--queue", "-S", "corpus=toy", "-S", f"seed={seed}")
-    project.dvc("queue", "start", "-j", "2")
-    deadline = time.monotonic() + 600
-    while True:
-        status = project.dvc("queue", "status").stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
-    project.dvc("queue", "stop", check=False)
-    assert status.count("Success") == 4 and "Failed" not in status, status
-    runs = all_runs(project.path)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    assert sorted(int(r.data.params["seed"]) for r in finished) == list(seeds), [
-        (r.info.run_name, r.info.status) for r in runs]
-    assert all("lstm_keystrokes_ksr" in r.data.metrics for r in finished)
 
 
 def test_unreachable_tracking_server_fails_the_stage_at_once(project):
