@@ -7,6 +7,8 @@ import json
 import os
 import select
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -338,3 +340,56 @@ def test_the_page_and_its_files_are_served_locally(server):
         with urllib.request.urlopen(f"{url}/static/{name}", timeout=10) as response:
             text = response.read().decode()
             assert response.status == 200 and "http://" not in text and "https://" not in text
+
+
+def test_two_logs_on_one_file_count_the_same_events_in_the_same_order(tmp_path):
+    """Two worker processes' logs on one file, as `nextword serve --workers 2` has them, across rotations."""
+    path = tmp_path / "keystrokes.jsonl"
+    first, second = EventLog(path, max_bytes=2000, samples=50), EventLog(path, max_bytes=2000, samples=50)
+    for n in range(60):
+        log = first if n % 3 else second
+        log.append([{"type": "keystroke", "latency_ms": float(n), "server_ms": 0.5},
+                    {"type": "accepted" if n % 2 else "ignored", "word": "you", "rank": 1, "via": "tab"}])
+    assert path.with_name("keystrokes.jsonl.1").exists()  # the cap made them rotate, more than once
+    stats = first.stats()
+    assert (stats["keystrokes"], stats["accepted"], stats["ignored"]) == (60, 30, 30)
+    assert second.stats() == stats
+    assert first.latency_ms.values == second.latency_ms.values  # the same sample, drawn in file order
+
+
+def test_serve_with_two_workers_answers_with_the_totals_of_both(tiny_model_dir, tmp_path):
+    """The real `nextword serve --workers 2`: events sent on fresh connections land wherever the kernel
+    hands them; every answer counts all of them."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url, log_path = f"http://127.0.0.1:{port}", tmp_path / "keystrokes.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "nextword.cli", "serve", "--model", str(tiny_model_dir),
+                             "--port", str(port), "--log", str(log_path), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if request(f"{url}/api/stats")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not answer"
+            time.sleep(0.2)
+        children = subprocess.run(["ps", "-o", "args=", "--ppid", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.splitlines()
+        assert sum("spawn_main" in child for child in children) == 2, children  # uvicorn's worker processes
+        event = {"type": "accepted", "word": "you", "rank": 1, "via": "click"}
+        counts = [request(f"{url}/api/events", {"events": [event]})[1]["accepted"] for _ in range(12)]
+        assert counts == list(range(1, 13))  # each answer counts the events the other worker took too
+        assert {request(f"{url}/api/stats")[1]["accepted"] for _ in range(6)} == {12}
+        assert suggest((url, log_path), "good morning , how ")["suggestions"]
+    finally:
+        proc.terminate()  # uvicorn stops its workers and then itself
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()

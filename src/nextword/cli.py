@@ -244,8 +244,11 @@ def cmd_serve(args) -> None:
         raise NextwordError(f"the web demo is not available: {err}") from None
     if not Path(args.model).is_dir():
         raise NextwordError(f"{args.model}: no such model folder; run the pipeline or pass --model")
+    if args.workers < 1:
+        raise NextwordError(f"--workers must be at least 1, not {args.workers}")
     kwargs = {"log_path": args.log} if args.log else {}
-    serve(args.model, host=args.host, port=args.port, overrides=engine_overrides(args), **kwargs)
+    serve(args.model, host=args.host, port=args.port, overrides=engine_overrides(args), workers=args.workers,
+          **kwargs)
 
 
 def cmd_params(args) -> None:
@@ -400,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log", metavar="FILE", help="keystroke log (JSONL)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes answering on the port, each with its own copy of the model (default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="the model step as an ONNX graph, checked against PyTorch",

@@ -1,7 +1,8 @@
 """``make loadtest``: the web API under 32 people typing at once, printed as one JSON object.
 
-The real server (``nextword serve``, uvicorn) runs in a subprocess on a free
-port of 127.0.0.1 with a model folder. ``--concurrency`` clients, each one
+The real server (``nextword serve --workers N``, uvicorn; by default one
+worker per core) runs in a subprocess on a free port of 127.0.0.1 with a
+model folder. ``--concurrency`` clients, each one
 keep-alive HTTP/1.1 connection in one asyncio process, then type chitchat
 conversations (from the pinned ``chitchat_dataset`` package; see
 :func:`conversations` for the few left out) as the web page does: every
@@ -61,6 +62,7 @@ from nextword.server import MAX_HISTORY
 HOST = "127.0.0.1"
 K = 3  # suggestions per keystroke, as the page asks
 START_TIMEOUT = 120  # seconds for the server to load the model and answer
+WORKERS = len(os.sched_getaffinity(0))  # server processes: one per core this process may use
 
 
 def conversations() -> list[list[tuple[str, str]]]:
@@ -109,9 +111,9 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path, host: str, port: int, log_path: Path, stderr) -> subprocess.Popen:
+def start_server(model_dir: Path, host: str, port: int, log_path: Path, workers: int, stderr) -> subprocess.Popen:
     command = [sys.executable, "-m", "nextword.cli", "serve", "--model", str(model_dir), "--host", host,
-               "--port", str(port), "--log", str(log_path)]
+               "--port", str(port), "--log", str(log_path), "--workers", str(workers)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
@@ -225,18 +227,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="clients typing at once (default 32)")
     parser.add_argument("--max-seconds", type=float, default=60, help="stop sending after this (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="which conversations each client types")
+    parser.add_argument("--workers", type=int, default=WORKERS,
+                        help=f"server processes (nextword serve --workers; default {WORKERS}, this machine's cores)")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise NextwordError(f"{model_dir}: no such model folder; run `make repro` first (or pass --model)")
-    if args.requests < 1 or args.concurrency < 1 or args.max_seconds <= 0:
-        raise NextwordError("--requests, --concurrency and --max-seconds must be positive")
+    if args.requests < 1 or args.concurrency < 1 or args.max_seconds <= 0 or args.workers < 1:
+        raise NextwordError("--requests, --concurrency, --max-seconds and --workers must be positive")
     all_conversations = conversations()
     port = free_port(HOST)
     with tempfile.TemporaryDirectory(prefix="nextword-loadtest-") as tmp:
         stderr_path = Path(tmp) / "server.err"
         with open(stderr_path, "wb") as stderr:
-            proc = start_server(model_dir, HOST, port, Path(tmp) / "keystrokes.jsonl", stderr)
+            proc = start_server(model_dir, HOST, port, Path(tmp) / "keystrokes.jsonl", args.workers, stderr)
             try:
                 wait_until_up(proc, f"http://{HOST}:{port}", stderr_path)
                 report = asyncio.run(run_clients(HOST, port, all_conversations, args.concurrency,
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         **report,
         "model": str(model_dir),
-        "server": f"nextword serve in a subprocess on {HOST}: uvicorn with {uvicorn_parts()}",
+        "server": f"nextword serve --workers {args.workers} in a subprocess on {HOST}: uvicorn with {uvicorn_parts()}",
         "client": f"one asyncio process on the same machine, {args.concurrency} keep-alive HTTP/1.1 "
                   f"connections, sharing its {os.cpu_count()} CPUs with the server",
     }

@@ -65,6 +65,7 @@ from typing import Annotated, Literal, Union
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
+from filelock import FileLock
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
@@ -370,33 +371,64 @@ class EventLog:
     a new file starts with a ``totals`` line that carries the counts so far,
     so the totals stay whole across rotations and restarts. Counts are
     counters; the latency percentiles come from a uniform sample of at most
-    ``samples`` keystrokes, drawn again from both files on a restart.
+    ``samples`` keystrokes.
+
+    The file is the record, and the totals are read from it. Each worker
+    process of ``nextword serve --workers N`` has its own log object on the
+    same file: it appends under a lock file (``<name>.lock``) and, before it
+    answers, reads what the other workers appended since it last looked, in
+    file order. So every worker counts the same lines in the same order and
+    draws the same sample, and ``/api/stats`` gives the same answer whichever
+    worker serves it. A restart reads both files again, oldest first.
     """
 
     def __init__(self, path: str | Path, max_bytes: int = LOG_MAX_BYTES, samples: int = LATENCY_SAMPLES):
         self.path = Path(path)
         self.rotated = self.path.with_name(self.path.name + ".1")
         self.max_bytes = max_bytes
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # threads of this process
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file_lock = FileLock(str(self.path) + ".lock")  # processes writing the same log
         self.counts = {"accepted": 0, "ignored": 0, "keystroke": 0}
         self.latency_ms = Reservoir(samples, seed=0)
         self.server_ms = Reservoir(samples, seed=1)
-        self.size = 0
+        self.inode: int | None = None  # the file read so far, and how far
+        self.offset = 0
         self._stats: dict | None = None  # computed once per change, not once per request
-        # Oldest first: the current file's totals line takes over the counts, and both files feed the sample.
-        for path in (self.rotated, self.path):
-            if path.exists():
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError:
-                            continue  # a line cut short by a crash: skip it, keep the rest
-                        if isinstance(record, dict):
-                            self._count(record)
-        if self.rotated.exists() and not self.path.exists():
-            self._start_file()  # a crash came between the rename and the new file: finish that rotation
-        self.size = self.path.stat().st_size if self.path.exists() else 0
+        with self.lock, self.file_lock:
+            if self.rotated.exists():
+                self._read(self.rotated, 0)  # oldest first: the current file's totals line takes over its counts
+                if not self.path.exists():
+                    self._start_file()  # a crash came between the rename and the new file: finish that rotation
+            self._catch_up()
+
+    def _read(self, path: Path, offset: int) -> int:
+        """Count the lines of ``path`` from byte ``offset`` on; the offset of its end."""
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        for line in data.splitlines():
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a line cut short by a crash: skip it, keep the rest
+            if isinstance(record, dict):
+                self._count(record)
+        if data:
+            self._stats = None
+        return offset + len(data)
+
+    def _catch_up(self) -> None:
+        """Read what was appended to the log since the last call (by any process), under both locks."""
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return
+        if inode != self.inode:  # another worker rotated: finish the old file (now .1), then read the new one
+            if self.inode is not None and self.rotated.exists() and os.stat(self.rotated).st_ino == self.inode:
+                self._read(self.rotated, self.offset)
+            self.inode, self.offset = inode, 0
+        self.offset = self._read(self.path, self.offset)
 
     def _count(self, record: dict) -> None:
         kind = record.get("type")
@@ -423,26 +455,24 @@ class EventLog:
     def append(self, events: list[dict]) -> None:
         records = [{"time": round(time.time(), 3), **event} for event in events]
         data = "".join(json.dumps(record) + "\n" for record in records).encode()
-        with self.lock:
-            if self.size and self.size + len(data) > self.max_bytes:
+        with self.lock, self.file_lock:
+            self._catch_up()
+            if self.offset and self.offset + len(data) > self.max_bytes:
                 os.replace(self.path, self.rotated)
                 self._start_file()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as f:
                 f.write(data)
-            self.size += len(data)
-            for record in records:
-                self._count(record)
-            self._stats = None
+            self._catch_up()  # counts the lines just written, as the other workers will
 
     def _start_file(self) -> None:
         """A new log file whose first line carries the totals so far (written whole, then renamed into place)."""
         totals = json.dumps({"time": round(time.time(), 3), "type": "totals", **self.counts}) + "\n"
         write_text(self.path, totals)
-        self.size = len(totals.encode())
 
     def stats(self) -> dict:
         with self.lock:
+            with self.file_lock:
+                self._catch_up()
             if self._stats is None:
                 accepted, ignored = self.counts["accepted"], self.counts["ignored"]
                 offered = accepted + ignored
@@ -661,16 +691,48 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     return app
 
 
+SERVE_SETTINGS = "NEXTWORD_SERVE"  # the environment variable that carries serve()'s settings to its workers
+
+
 def serve(model_dir: str | Path, banned_words: str | Path | None = None, host: str = "127.0.0.1",
           port: int = 8000, log_path: str | Path = "reports/keystrokes.jsonl",
-          options: EngineParams | None = None, *, overrides: dict | None = None) -> None:
-    """Run the page and API with uvicorn until interrupted."""
+          options: EngineParams | None = None, *, overrides: dict | None = None, workers: int = 1) -> None:
+    """Run the page and API with uvicorn until interrupted.
+
+    ``workers`` processes answer on the same port, each with its own engine
+    and session cache (a connection stays with the worker that accepted it).
+    They share the event log (:class:`EventLog`). One worker keeps one core
+    busy at most; give it as many as the cores it may use.
+    """
     import uvicorn
 
-    app = create_app(model_dir, banned_words, log_path, options, overrides=overrides)
+    settings = {"model_dir": str(model_dir), "banned_words": None if banned_words is None else str(banned_words),
+                "log_path": str(log_path), "options": None if options is None else options.model_dump(),
+                "overrides": overrides}
+    # Load it here first: a folder that cannot be served is one line now, not a worker dying over and over.
+    app = app_from_settings(settings)
+    print(f"nextword: http://{host}:{port}/  (model {model_dir}, log {log_path}, "
+          f"{workers} worker{'s' if workers > 1 else ''}; Ctrl-C stops)")
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        return
+    del app
+    os.environ[SERVE_SETTINGS] = json.dumps(settings)
+    uvicorn.run("nextword.server:worker_app", factory=True, workers=workers, host=host, port=port,
+                log_level="warning", access_log=False)
+
+
+def app_from_settings(settings: dict) -> FastAPI:
+    options = settings["options"]
+    app = create_app(settings["model_dir"], settings["banned_words"], settings["log_path"],
+                     None if options is None else EngineParams(**options), overrides=settings["overrides"])
     # What is loaded by now (the libraries, the model, its vocabulary and n-gram) lives as long as the
     # server: frozen, the garbage collector's full passes skip it instead of stalling every request in
     # flight while they walk it.
     gc.freeze()
-    print(f"nextword: http://{host}:{port}/  (model {model_dir}, log {log_path}; Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return app
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of ``serve(workers=N)``: uvicorn's factory, settings from the environment."""
+    return app_from_settings(json.loads(os.environ[SERVE_SETTINGS]))
