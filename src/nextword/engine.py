@@ -52,6 +52,11 @@ from nextword.windows import MESSAGE_END, message_head
 def quantize_int8(model):
     """The model with int8 weights in its LSTM and linear layers (PyTorch dynamic quantization).
 
+    Every cell has its matrices there: the fused LSTM/GRU layers, and the
+    ``nn.Linear`` layers of the LayerNorm LSTM's gates and of the Transformer's
+    attention and MLP. Layer norms, rotary positions and the attention products
+    over the KV cache stay in float32.
+
     One step of the chat model reads its whole output matrix (vocabulary x
     hidden); in float32 that is tens of megabytes, more than a CPU cache, so
     a step is bound by memory bandwidth. In int8 it is a quarter of that and
