@@ -58,10 +58,14 @@ class KVCache(NamedTuple):
         return KVCache(self.keys.detach(), self.values.detach(), self.positions)
 
 
-def rotary(positions: torch.Tensor, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_frequencies(width: int) -> torch.Tensor:
+    """The rotary angle per position of each of the ``width / 2`` pairs, in float64."""
+    return ROTARY_BASE ** -(torch.arange(0, width, 2, dtype=torch.float64) / width)
+
+
+def rotary(positions: torch.Tensor, frequencies: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles at ``positions [batch, time]``: ``[batch, 1, time, width / 2]``."""
-    inv_freq = ROTARY_BASE ** -(torch.arange(0, width, 2, dtype=torch.float64, device=positions.device) / width)
-    angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+    angles = positions.to(torch.float64).unsqueeze(-1) * frequencies
     return angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
 
 
@@ -107,6 +111,7 @@ class CausalTransformer(nn.Module):
         self.input = nn.Linear(input_size, width, bias=False) if input_size != width else None
         self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
+        self.register_buffer("frequencies", rotary_frequencies(width // heads), persistent=False)
 
     def empty(self, batch: int, device=None) -> KVCache:
         """The state before the first token: no memory, at position 0."""
@@ -126,7 +131,7 @@ class CausalTransformer(nn.Module):
         # Itself and the context - 1 tokens before it; memory padding sits at negative positions.
         mask = ((distance >= 0) & (distance < self.context) & (key_positions >= 0).unsqueeze(1)).unsqueeze(1)
         h = self.input(x) if self.input is not None else x
-        cos, sin = rotary(new_positions, self.width // self.heads, h.dtype)
+        cos, sin = rotary(new_positions, self.frequencies, h.dtype)
         all_keys, all_values = [], []
         for i, block in enumerate(self.blocks):
             h, keys, values = block(h, cos, sin, mask, state.keys[i], state.values[i])
