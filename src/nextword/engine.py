@@ -1,6 +1,8 @@
 """The suggestion engine: next-word top-k, word completion and line completion as a person types.
 
-The recurrent state is carried. Committed tokens are queued and run through
+The model state is carried (the recurrent state, or the Transformer's KV cache of
+the last ``model.context - 1`` tokens: :mod:`nextword.transformer`); the engine
+never looks inside it. Committed tokens are queued and run through
 the model in one call the next time a distribution is needed, so a committed
 word costs one model step (a word and the comma after it, or the end of one
 message and the start of the next, still cost one output layer). While a word
