@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nextword.config import flatten, load_params, parse_params
+from pydantic import ValidationError
+
+from nextword.config import ModelConfig, flatten, load_params, parse_params
 from nextword.errors import NextwordError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +85,14 @@ def test_every_cell_is_accepted_and_the_transformer_needs_an_even_width_per_head
     assert parse_params(raw).model.heads == 512
     with pytest.raises(NextwordError, match=r"^params.yaml: model.cell: "):
         parse_params(with_value("model.cell", "rnn"))
+
+
+def test_a_model_folder_saved_before_heads_and_context_still_loads_its_lstm():
+    saved = RAW["model"] | {"vocab_size": 50}
+    del saved["heads"], saved["context"]
+    assert ModelConfig.model_validate(saved).heads is None
+    with pytest.raises(ValidationError, match="the transformer needs heads and context"):
+        ModelConfig.model_validate(saved | {"cell": "transformer"})
 
 
 @pytest.mark.parametrize("cell", ["lnlstm", "transformer"])
