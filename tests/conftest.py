@@ -26,9 +26,13 @@ PLAIN = ENGINE.model_copy(update={"ngram_weight": 0, "cache_weight": 0, "cache_b
 
 
 def model_config(vocab_size: int, **shape) -> ModelConfig:
-    """A small plain LSTM for tests: full softmax, no tying, plain dropout; ``shape`` sets the sizes."""
-    plain = {"cell": "lstm", "heads": 2, "context": 6, "tie_weights": False, "adaptive_softmax": False, "cutoffs": [2000, 8000],
-             "div_value": 4.0, "embedding_dropout": 0.0, "locked_dropout": False, "dropout": 0.0}
+    """A small plain LSTM for tests: full softmax, no tying, plain dropout; ``shape`` sets the sizes.
+
+    ``heads`` and ``context`` are the Transformer's, read only with ``cell="transformer"``.
+    """
+    plain = {"cell": "lstm", "heads": 2, "context": 6, "tie_weights": False, "adaptive_softmax": False,
+             "cutoffs": [2000, 8000], "div_value": 4.0, "embedding_dropout": 0.0, "locked_dropout": False,
+             "dropout": 0.0}
     return ModelConfig.model_validate(plain | shape | {"vocab_size": vocab_size})
 
 

@@ -381,7 +381,8 @@ def test_every_cell_serves_the_engine_with_its_state_carried(cell, tmp_path):
     partial = session.type_text("user", "what do you like to do for f")
     # a word at a time through the carried state (the transformer's KV cache, 6 tokens of context here)
     # gives what one pass over the whole conversation gives
-    expected = from_scratch(engine, conversation_tokens(engine, HISTORY, "user", tokenize("what do you like to do for")))
+    typed = tokenize("what do you like to do for")
+    expected = from_scratch(engine, conversation_tokens(engine, HISTORY, "user", typed))
     np.testing.assert_allclose(session.log_probs, expected[-1], rtol=0, atol=1e-4)
     assert [s.word for s in session.suggest(partial)][:1] == ["fun"]
     assert session.complete("beam", max_words=4) == session.complete("beam", max_words=4)
