@@ -20,8 +20,9 @@ sees never depends on where a training window happens to start:
   one incremental step (its queries against the cached keys), never a
   recompute, and the cache never grows past ``context - 1`` tokens per layer.
 
-Stepping through a stream in pieces of any length, with the memory carried,
-gives exactly what one pass over the whole stream gives (the tests check it).
+Stepping through a stream in pieces of any length, with the memory carried
+(in eval mode), gives what one pass over the whole stream gives, up to float
+rounding (the tests check it).
 
 Cached keys are stored already rotated, at their absolute positions; since
 rotary attention depends only on the difference of positions, absolute
