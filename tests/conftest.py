@@ -26,9 +26,13 @@ PLAIN = ENGINE.model_copy(update={"ngram_weight": 0, "cache_weight": 0, "cache_b
 
 
 def model_config(vocab_size: int, **shape) -> ModelConfig:
-    """A small plain LSTM for tests: full softmax, no tying, plain dropout; ``shape`` sets the sizes."""
-    plain = {"cell": "lstm", "tie_weights": False, "adaptive_softmax": False, "cutoffs": [2000, 8000],
-             "div_value": 4.0, "embedding_dropout": 0.0, "locked_dropout": False, "dropout": 0.0}
+    """A small plain LSTM for tests: full softmax, no tying, plain dropout; ``shape`` sets the sizes.
+
+    ``heads`` and ``context`` are the Transformer's, read only with ``cell="transformer"``.
+    """
+    plain = {"cell": "lstm", "heads": 2, "context": 6, "tie_weights": False, "adaptive_softmax": False,
+             "cutoffs": [2000, 8000], "div_value": 4.0, "embedding_dropout": 0.0, "locked_dropout": False,
+             "dropout": 0.0}
     return ModelConfig.model_validate(plain | shape | {"vocab_size": vocab_size})
 
 
@@ -51,15 +55,15 @@ TINY_CONVERSATION = [
 ]
 
 
-def train_tiny_model(messages=TINY_CONVERSATION, steps: int = 150, seed: int = 0):
-    """A small LSTM trained to memorise ``messages`` (repeated): (model, vocab)."""
+def train_tiny_model(messages=TINY_CONVERSATION, steps: int = 150, seed: int = 0, cell: str = "lstm"):
+    """A small model (an LSTM unless ``cell`` says) trained to memorise ``messages`` (repeated): (model, vocab)."""
     torch.manual_seed(seed)
     tokenized = [(speaker, tokenize(text)) for speaker, text in messages]
     vocab = Vocab.build([toks for _, toks in tokenized])
     stream = split_stream(tokenized * 20, vocab, speaker_tags=True)
     windows = cut_windows(stream, 8)
     data = torch.from_numpy(lanes(windows, 8, pad_tail=False)).long()
-    model = LanguageModel(model_config(len(vocab), embedding=32, hidden=64, layers=1))
+    model = LanguageModel(model_config(len(vocab), embedding=32, hidden=64, layers=1, cell=cell))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     model.train()
     for step in range(steps):

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nextword.config import flatten, load_params, parse_params
+from pydantic import ValidationError
+
+from nextword.config import ModelConfig, flatten, load_params, parse_params
 from nextword.errors import NextwordError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,38 @@ def test_toy_preset(tmp_path):
 def test_invalid_values_name_the_key(key, value):
     with pytest.raises(NextwordError, match=rf"^params.yaml: {key}: "):
         parse_params(with_value(key, value))
+
+
+def test_every_cell_is_accepted_and_the_transformer_needs_an_even_width_per_head():
+    for cell in ("lstm", "gru", "lnlstm", "transformer"):
+        assert parse_params(with_value("model.cell", cell)).model.cell == cell
+    raw = with_value("model.cell", "transformer")
+    raw["model"]["heads"] = 3  # 512 / 3
+    with pytest.raises(NextwordError, match=r"^params.yaml: model: .*hidden \(512\) split by heads \(3\)"):
+        parse_params(raw)
+    raw["model"]["heads"] = 512  # one wide: rotary positions rotate pairs
+    with pytest.raises(NextwordError, match=r"^params.yaml: model: .*even width per head"):
+        parse_params(raw)
+    raw["model"]["cell"] = "lstm"  # which the LSTM does not read
+    assert parse_params(raw).model.heads == 512
+    with pytest.raises(NextwordError, match=r"^params.yaml: model.cell: "):
+        parse_params(with_value("model.cell", "rnn"))
+
+
+def test_a_model_folder_saved_before_heads_and_context_still_loads_its_lstm():
+    saved = RAW["model"] | {"vocab_size": 50}
+    del saved["heads"], saved["context"]
+    assert ModelConfig.model_validate(saved).heads is None
+    with pytest.raises(ValidationError, match="the transformer needs heads and context"):
+        ModelConfig.model_validate(saved | {"cell": "transformer"})
+
+
+@pytest.mark.parametrize("cell", ["lnlstm", "transformer"])
+def test_the_onnx_backend_is_refused_for_a_cell_it_cannot_export(cell):
+    raw = with_value("model.cell", cell)
+    raw["engine"]["backend"] = "onnx"
+    with pytest.raises(NextwordError, match=rf"engine.backend onnx exports model.cell lstm or gru only, not {cell}"):
+        parse_params(raw)
 
 
 def test_unknown_key_is_refused():

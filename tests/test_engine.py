@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PLAIN
+from conftest import PLAIN, save_servable, train_tiny_model
 from nextword.decoding import STRATEGIES
 from nextword.engine import Engine
 from nextword.errors import NextwordError
@@ -363,3 +363,33 @@ def test_a_model_folder_with_an_ngram_is_loaded_with_it(tiny_model_dir, tmp_path
     (folder / "ngram.npz").write_bytes(b"not an npz")
     with pytest.raises(NextwordError, match="ngram.npz: damaged"):
         Engine.load(folder, options=options)
+
+
+# ---------------------------------------------------------------- every model.cell behind the same engine
+
+
+@pytest.mark.parametrize("cell", ["gru", "lnlstm", "transformer"])
+def test_every_cell_serves_the_engine_with_its_state_carried(cell, tmp_path):
+    model, vocab = train_tiny_model(steps=40, cell=cell)
+    folder = tmp_path / "model"
+    save_servable(folder, model, vocab, {"speaker_tags": True, "window_length": 8})
+    engine = Engine.load(folder, options=PLAIN)
+    assert engine.model.config.cell == cell
+    session = engine.session()
+    for speaker, text in HISTORY:
+        session.add_message(speaker, text)
+    partial = session.type_text("user", "what do you like to do for f")
+    # a word at a time through the carried state (the transformer's KV cache, 6 tokens of context here)
+    # gives what one pass over the whole conversation gives
+    typed = tokenize("what do you like to do for")
+    expected = from_scratch(engine, conversation_tokens(engine, HISTORY, "user", typed))
+    np.testing.assert_allclose(session.log_probs, expected[-1], rtol=0, atol=1e-4)
+    assert [s.word for s in session.suggest(partial)][:1] == ["fun"]
+    assert session.complete("beam", max_words=4) == session.complete("beam", max_words=4)
+    quantized = Engine.load(folder, options=PLAIN.model_copy(update={"int8": True}))
+    small = quantized.session()
+    for speaker, text in HISTORY:
+        small.add_message(speaker, text)
+    small.type_text("user", "what do you like to do for f")
+    assert [s.word for s in small.suggest(partial)][:1] == ["fun"]
+    np.testing.assert_allclose(np.exp(small.log_probs), np.exp(session.log_probs), atol=0.02)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -18,8 +19,9 @@ from nextword.engine import Engine
 from nextword.errors import NextwordError
 from nextword.export import adaptive_log_prob, export_onnx
 from nextword.model import LanguageModel
-from nextword.modeldir import load_trained
+from nextword.modeldir import load_trained, save_trained
 from nextword.text import is_word, tokenize
+from nextword.vocab import Vocab
 from nextword.windows import message_tokens
 
 ONNX = PLAIN.model_copy(update={"backend": "onnx"})
@@ -154,6 +156,22 @@ def test_the_onnx_backend_without_an_export_is_a_one_line_error(tiny_model_dir, 
     export_onnx(other, tmp_path / "other.onnx")
     with pytest.raises(NextwordError, match="not a step of this model"):
         Engine.load(tiny_model_dir, options=ONNX, onnx=tmp_path / "other.onnx")
+
+
+@pytest.mark.parametrize("cell", ["lnlstm", "transformer"])
+def test_a_cell_without_an_onnx_step_is_refused_in_one_line(cell, tmp_path, capfd):
+    model = random_model(cell=cell)
+    expected = f"model.cell {cell} has no ONNX export (only lstm and gru); use engine.backend torch"
+    with pytest.raises(NextwordError) as err:
+        export_onnx(model, tmp_path / "step.onnx")
+    assert str(err.value) == expected
+    assert not (tmp_path / "step.onnx").exists()
+    with pytest.raises(NextwordError, match=f"^{re.escape(expected)}$"):
+        OnnxStep(tmp_path / "step.onnx", model.config)
+    folder = tmp_path / "model"
+    save_trained(folder, model, Vocab(["w"] * 60, [0] * 60), {"speaker_tags": True, "window_length": 8})
+    status, stdout, stderr = nextword(capfd, "export", "--model", folder, "--out", tmp_path / "x.onnx")
+    assert (status, stdout, stderr) == (2, "", f"error: {expected}\n")
 
 
 def test_the_backend_flag_reaches_the_engine():

@@ -234,6 +234,21 @@ def test_bench_prints_one_json_object(tiny_data, tmp_path, capsys):
     assert report["timed_steps"] == 4
 
 
+def test_bench_measures_each_cell_named(tiny_data, tmp_path, capsys):
+    from nextword.bench import main
+    from nextword.cli import main as cli
+
+    cli(["params", "toy", "model.embedding=16", "model.hidden=16", "train.batch_size=4", "--out",
+         str(tmp_path / "params.yaml")])
+    capsys.readouterr()
+    main(["--params", str(tmp_path / "params.yaml"), "--windows", str(tiny_data), "--vocab",
+          str(tiny_data / "vocab.json"), "--steps", "2", "--rounds", "1", "--matmul-size", "64",
+          "--cell", "lnlstm", "--cell", "transformer"])
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["cells"]) == ["lnlstm", "transformer"] and "reference" not in report
+    assert all(figures["tokens_per_second"] > 0 for figures in report["cells"].values())
+
+
 def test_bench_says_in_one_line_when_the_data_is_missing(tmp_path, capsys):
     from nextword.bench import main
 

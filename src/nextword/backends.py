@@ -21,8 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nextword.config import ModelConfig
+from nextword.config import ONNX_CELLS, ModelConfig
 from nextword.errors import NextwordError, damaged
+
+
+def require_onnx_cell(config: ModelConfig) -> None:
+    """Refuse, in one line, a model whose step has no ONNX graph.
+
+    The LayerNorm LSTM's time loop and the Transformer's cache would need a
+    graph of their own (a scripted loop; a cache of varying length), which
+    :mod:`nextword.export` does not write: they run on the PyTorch backend.
+    """
+    if config.cell not in ONNX_CELLS:
+        raise NextwordError(f"model.cell {config.cell} has no ONNX export (only {' and '.join(ONNX_CELLS)}); "
+                            "use engine.backend torch")
 
 
 def state_names(config: ModelConfig) -> list[str]:
@@ -57,6 +69,7 @@ class OnnxStep:
     def __init__(self, path: str | Path, config: ModelConfig):
         import onnxruntime
 
+        require_onnx_cell(config)
         path = Path(path)
         if not path.is_file():
             raise NextwordError(f"{path}: no such file; write it with `nextword export --format onnx`")

@@ -9,6 +9,10 @@ pipeline wrote (paths from ``dvc.yaml``):
 * ``reference``: the same sizes with every speed option off: the full
   softmax, untied weights, plain dropout, fp32.
 
+With ``--cell`` (repeatable: ``--cell lstm --cell lnlstm``) the configured
+model is measured once per named ``model.cell`` instead, in the same process and
+with the same sizes and options, under ``cells``; the reference is not run.
+
 Each runs one warm-up epoch of ``--steps`` steps, then ``--rounds`` timed
 epochs of ``--steps`` steps each. After every epoch the rate of a square
 (``--matmul-size``, 2048) matrix multiply is measured in the same process, in fp32 (and in bf16 for a
@@ -44,7 +48,9 @@ import numpy as np
 import torch
 import yaml
 
-from nextword.config import ModelConfig, load_params
+from pydantic import ValidationError
+
+from nextword.config import CELLS, ModelConfig, load_params
 from nextword.errors import NextwordError, exit_on_error
 from nextword.model import LanguageModel, count_flops_per_token
 from nextword.training import autocast_dtype, resolve_device, seed_everything, train
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs")
     parser.add_argument("--matmul-size", type=int, default=2048, help="of the square matrices timed")
     parser.add_argument("--skip-reference", action="store_true", help="measure the configured model only")
+    parser.add_argument("--cell", action="append", choices=CELLS,
+                        help="measure the configured model with this model.cell instead (repeatable); no reference")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     params = load_params(args.params)
@@ -185,9 +193,22 @@ def main(argv: list[str] | None = None) -> None:
         "warmup_steps": args.steps,
         "timed_steps": args.steps * args.rounds,
         "matmul_size": args.matmul_size,
-        "chat": measure(config, train_params, windows, val_windows, vocab, params.seed, args.rounds,
-                        args.matmul_size),
     }
+    if args.cell:
+        report["model"].pop("cell")
+        report["cells"] = {}
+        for cell in args.cell:
+            try:
+                variant = ModelConfig.model_validate(config.model_dump() | {"cell": cell})
+            except ValidationError as err:
+                raise NextwordError(f"--cell {cell}: {err.errors()[0]['msg']}") from None
+            report["cells"][cell] = measure(variant, train_params, windows, val_windows, vocab, params.seed,
+                                            args.rounds, args.matmul_size)
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return
+    report["chat"] = measure(config, train_params, windows, val_windows, vocab, params.seed, args.rounds,
+                             args.matmul_size)
     if not args.skip_reference:
         reference = config.model_copy(update={"adaptive_softmax": False, "tie_weights": False,
                                               "locked_dropout": False, "embedding_dropout": 0.0})

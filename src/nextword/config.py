@@ -20,6 +20,11 @@ Speaker = Literal[SPEAKERS]
 
 BACKENDS = ("torch", "onnx")  # what runs the engine's model step (nextword.backends)
 
+# The model families (nextword.model): fused LSTM or GRU layers, the LayerNorm LSTM (nextword.lnlstm),
+# or a causal Transformer decoder (nextword.transformer).
+CELLS = ("lstm", "gru", "lnlstm", "transformer")
+ONNX_CELLS = ("lstm", "gru")  # the cells whose step nextword.export writes as ONNX
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -58,10 +63,14 @@ class WindowParams(_Section):
 
 
 class ModelParams(_Section):
-    cell: Literal["lstm", "gru"]
+    cell: Literal[CELLS]
     embedding: int = Field(ge=1)
-    hidden: int = Field(ge=1)
+    hidden: int = Field(ge=1)  # the recurrent state's size; the Transformer's width
     layers: int = Field(ge=1)
+    heads: int = Field(ge=1)  # transformer only: attention heads, each hidden / heads wide (an even number)
+    # transformer only: each token attends to itself and the context - 1 tokens before it, in training
+    # (across windows, through the carried memory) and in the engine's KV cache alike.
+    context: int = Field(ge=1)
     dropout: float = Field(ge=0, lt=1)
     tie_weights: bool
     adaptive_softmax: bool
@@ -83,13 +92,25 @@ class ModelParams(_Section):
             raise ValueError("tie_weights needs adaptive_softmax off: the adaptive softmax has its own output weights")
         return self
 
+    @model_validator(mode="after")
+    def _heads_split_the_width(self):
+        if self.cell == "transformer" and (self.heads is None or self.context is None):
+            raise ValueError("the transformer needs heads and context")
+        if self.cell == "transformer" and (self.hidden % self.heads or (self.hidden // self.heads) % 2):
+            raise ValueError(f"the transformer needs hidden ({self.hidden}) split by heads ({self.heads}) "
+                             "into an even width per head (rotary positions rotate pairs)")
+        return self
+
 
 class ModelConfig(ModelParams):
     """What builds a :class:`nextword.model.LanguageModel`: the ``model`` params and the vocabulary size.
 
-    Saved as ``config.json`` in a model folder, so a folder rebuilds the same model.
+    Saved as ``config.json`` in a model folder, so a folder rebuilds the same model. A folder saved
+    before ``heads`` and ``context`` existed has neither: it holds an LSTM or GRU, which reads neither.
     """
 
+    heads: int | None = Field(default=None, ge=1)
+    context: int | None = Field(default=None, ge=1)
     vocab_size: int = Field(ge=1)
 
 
@@ -184,6 +205,13 @@ class Params(_Section):
     baseline: BaselineParams
     engine: EngineParams
     sample: SampleParams
+
+    @model_validator(mode="after")
+    def _onnx_exports_the_cell(self):
+        if self.engine.backend == "onnx" and self.model.cell not in ONNX_CELLS:
+            raise ValueError(f"engine.backend onnx exports model.cell {' or '.join(ONNX_CELLS)} only, "
+                             f"not {self.model.cell}: set engine.backend torch")
+        return self
 
 
 def _describe(err: ValidationError) -> str:

@@ -1,6 +1,8 @@
 """The suggestion engine: next-word top-k, word completion and line completion as a person types.
 
-The recurrent state is carried. Committed tokens are queued and run through
+The model state is carried (the recurrent state, or the Transformer's KV cache of
+the last ``model.context - 1`` tokens: :mod:`nextword.transformer`); the engine
+never looks inside it. Committed tokens are queued and run through
 the model in one call the next time a distribution is needed, so a committed
 word costs one model step (a word and the comma after it, or the end of one
 message and the start of the next, still cost one output layer). While a word
@@ -51,6 +53,11 @@ from nextword.windows import MESSAGE_END, message_head
 
 def quantize_int8(model):
     """The model with int8 weights in its LSTM and linear layers (PyTorch dynamic quantization).
+
+    Every cell has its matrices there: the fused LSTM/GRU layers, and the
+    ``nn.Linear`` layers of the LayerNorm LSTM's gates and of the Transformer's
+    attention and MLP. Layer norms, rotary positions and the attention products
+    over the KV cache stay in float32.
 
     One step of the chat model reads its whole output matrix (vocabulary x
     hidden); in float32 that is tens of megabytes, more than a CPU cache, so

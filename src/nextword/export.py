@@ -29,6 +29,9 @@ shape typing chat conversations (``nextword export --int8 --check-csv``):
   bought no agreement and cost time.
 
 ONNX Runtime quantizes LSTM layers but not GRU layers, which stay in float32.
+
+Only the ``lstm`` and ``gru`` cells export; the others are refused in one line
+(:func:`nextword.backends.require_onnx_cell`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextword.backends import input_names, output_names
+from nextword.backends import input_names, output_names, require_onnx_cell
 from nextword.files import atomic_path
 from nextword.model import LanguageModel
 
@@ -82,6 +85,7 @@ class StepGraph(nn.Module):
 def export_onnx(model: LanguageModel, path: str | Path, int8: bool = False) -> int:
     """Write ``model``'s step to ``path`` as ONNX (int8 weights with ``int8``); its size in bytes."""
     config = model.config
+    require_onnx_cell(config)
     model = model.cpu().eval()
     state = torch.zeros(config.layers, 1, config.hidden)
     example = (torch.tensor([[1, 2]]), *([state] * (len(input_names(config)) - 1)))

@@ -1,4 +1,12 @@
-"""The language model: embedding -> stacked LSTM (or GRU) -> linear to vocabulary logits.
+"""The language model: embedding -> body -> linear to vocabulary logits.
+
+The body is ``model.cell``: stacked LSTM, GRU or LayerNorm LSTM layers
+(:class:`StackedRNN`, :mod:`nextword.lnlstm`), or a causal Transformer
+decoder (:mod:`nextword.transformer`). Whatever it is, the model's state
+(the recurrent state, or the Transformer's KV cache) is carried from one call
+of :meth:`LanguageModel.features` to the next, in training, evaluation and the
+engine alike, and only the methods here look inside it: :meth:`init_state`,
+:func:`detach_state`, :meth:`stack_states` and :meth:`split_state`.
 
 Regularisation, all off at rate 0:
 
@@ -23,12 +31,20 @@ smaller tail clusters that are computed only for their own targets.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nextword.config import ModelConfig
+from nextword.lnlstm import LayerNormLSTM
+from nextword.transformer import CausalTransformer, KVCache, split_cache, stack_caches
 from nextword.vocab import PAD_ID
+
+# One layer of each recurrent cell, built as layer(input_size, hidden) and called like nn.LSTM(batch_first=True).
+RECURRENT_LAYERS = {"lstm": partial(nn.LSTM, batch_first=True), "gru": partial(nn.GRU, batch_first=True),
+                    "lnlstm": LayerNormLSTM}
 
 State = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
 
@@ -44,18 +60,17 @@ def dropout(x: torch.Tensor, p: float, locked: bool, training: bool) -> torch.Te
 
 
 class StackedRNN(nn.Module):
-    """``layers`` single-layer LSTMs (or GRUs) with dropout between them.
+    """``layers`` single-layer LSTMs (or GRUs, or LayerNorm LSTMs) with dropout between them.
 
     Called like ``nn.LSTM`` with ``batch_first=True``; the state has the same
-    ``[layers, batch, hidden]`` layout.
+    ``[layers, batch, hidden]`` layout (a pair ``(h, c)`` for both LSTMs).
     """
 
     def __init__(self, cell: str, input_size: int, hidden: int, layers: int, dropout: float, locked: bool):
         super().__init__()
-        rnn = nn.LSTM if cell == "lstm" else nn.GRU
-        self.layers = nn.ModuleList(rnn(input_size if i == 0 else hidden, hidden, batch_first=True)
-                                    for i in range(layers))
-        self.lstm = cell == "lstm"
+        rnn = RECURRENT_LAYERS[cell]
+        self.layers = nn.ModuleList(rnn(input_size if i == 0 else hidden, hidden) for i in range(layers))
+        self.lstm = cell != "gru"
         self.dropout = dropout
         self.locked = locked
 
@@ -80,7 +95,10 @@ class LanguageModel(nn.Module):
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.embedding, padding_idx=PAD_ID)
-        self.rnn = StackedRNN(c.cell, c.embedding, c.hidden, c.layers, c.dropout, c.locked_dropout)
+        if c.cell == "transformer":
+            self.body = CausalTransformer(c.embedding, c.hidden, c.layers, c.heads, c.context, c.dropout)
+        else:
+            self.body = StackedRNN(c.cell, c.embedding, c.hidden, c.layers, c.dropout, c.locked_dropout)
         out_dim = c.hidden
         self.proj = None
         if c.tie_weights and c.hidden != c.embedding:
@@ -117,7 +135,8 @@ class LanguageModel(nn.Module):
                     nn.init.uniform_(linear.weight, -0.1, 0.1)
 
     def features(self, ids: torch.Tensor, state=None):
-        """Run the recurrent body: ``[batch, time]`` ids -> ``[batch, time, out_dim]`` features, new state."""
+        """Run the body: ``[batch, time]`` ids and the state after the ids before them (None at the start)
+        -> ``[batch, time, out_dim]`` features, the state after these ids."""
         c = self.config
         x = self.embed(ids)
         if self.training and c.embedding_dropout:
@@ -125,7 +144,7 @@ class LanguageModel(nn.Module):
             keep = x.new_empty(c.vocab_size).bernoulli_(1 - c.embedding_dropout).div_(1 - c.embedding_dropout)
             x = x * keep[ids].unsqueeze(-1)
         x = dropout(x, c.dropout, c.locked_dropout, self.training)
-        out, state = self.rnn(x, state)
+        out, state = self.body(x, state)
         out = dropout(out, c.dropout, c.locked_dropout, self.training)
         if self.proj is not None:
             out = self.proj(out)
@@ -157,14 +176,41 @@ class LanguageModel(nn.Module):
         return F.cross_entropy(logits, targets.long(), ignore_index=PAD_ID), count
 
     def init_state(self, batch: int, device=None):
+        """The state before the first token, for ``batch`` rows (what ``None`` stands for)."""
         c = self.config
+        if c.cell == "transformer":
+            return self.body.empty(batch, device)
         zeros = torch.zeros(c.layers, batch, c.hidden, device=device)
-        return (zeros, zeros.clone()) if c.cell == "lstm" else zeros
+        return (zeros, zeros.clone()) if c.cell != "gru" else zeros
+
+    def stack_states(self, states: list) -> object:
+        """One state for a batch whose rows are ``states`` in order (each of one or more rows; None: the start).
+
+        Stepping the batch gives each row what stepping it alone gives. Transformer rows may have
+        memories of different lengths; the shorter ones are padded, and the padding masked out.
+        """
+        states = [self.init_state(1) if s is None else s for s in states]
+        if self.config.cell == "transformer":
+            return stack_caches(states)
+        if isinstance(states[0], tuple):
+            return tuple(torch.cat(parts, dim=1) for parts in zip(*states))
+        return torch.cat(states, dim=1)
+
+    def split_state(self, state) -> list:
+        """The rows of a batched state, each a one-row state: the inverse of :meth:`stack_states`."""
+        if self.config.cell == "transformer":
+            return split_cache(state)
+        if isinstance(state, tuple):
+            return [tuple(part[:, b:b + 1] for part in state) for b in range(state[0].shape[1])]
+        return [state[:, b:b + 1] for b in range(state.shape[1])]
 
 
 def detach_state(state):
+    """The state cut from the graph that computed it (truncated back-propagation between windows)."""
     if state is None:
         return None
+    if isinstance(state, KVCache):
+        return state.detach()
     if isinstance(state, tuple):
         return tuple(s.detach() for s in state)
     return state.detach()
@@ -178,11 +224,17 @@ def count_flops_per_token(config: ModelConfig) -> int:
     bound, so a utilisation computed from it is never flattered.
     """
     c = config
-    gates = 4 if c.cell == "lstm" else 3
     macs = 0
-    for layer in range(c.layers):
-        inp = c.embedding if layer == 0 else c.hidden
-        macs += gates * c.hidden * (inp + c.hidden)
+    if c.cell == "transformer":
+        # The projection in, then per block: queries, keys, values and output (4 w^2) and the MLP (8 w^2).
+        # The attention products themselves (2 x attended tokens x w) are not counted: a lower bound.
+        macs += c.embedding * c.hidden if c.embedding != c.hidden else 0
+        macs += c.layers * 12 * c.hidden * c.hidden
+    else:
+        gates = 3 if c.cell == "gru" else 4
+        for layer in range(c.layers):
+            inp = c.embedding if layer == 0 else c.hidden
+            macs += gates * c.hidden * (inp + c.hidden)
     out_dim = c.hidden
     if c.tie_weights and c.hidden != c.embedding:
         macs += c.hidden * c.embedding

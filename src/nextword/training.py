@@ -3,6 +3,8 @@
 Lane b of a batch holds a contiguous run of windows, so the recurrent state
 left by one step is the right starting state for the next; it is carried
 and detached between steps (as in PyTorch's word_language_model example).
+For ``model.cell: transformer`` that state is the keys and values of the last
+``model.context - 1`` tokens (:mod:`nextword.transformer`), carried the same way.
 After each epoch the model is scored on validation: the best epoch's weights
 are kept, and training stops early after ``patience`` epochs without
 improvement. The learning rate follows ``schedule``: ``plateau`` cuts it by
