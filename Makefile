@@ -19,10 +19,11 @@ repro: install
 	$(PYTHON) -m dvc repro
 
 # Two pytest workers, one test file each at a time (a file's module fixtures stay in one worker):
-# CI has two cores. TEST_WORKERS=0 runs everything in this process.
+# CI has two cores. TEST_WORKERS=0 runs everything in this process. One torch thread per process:
+# the tests' models are small, and two workers with a thread per core each would fight over the cores.
 TEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # The bench trains on the chat windows: build them first (cached after the first time).
 bench: install
