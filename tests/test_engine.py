@@ -207,6 +207,24 @@ def test_model_folder_holds_tensors_and_json_only(tiny_model_dir):
         json.loads((tiny_model_dir / name).read_text(encoding="utf-8"))
 
 
+def test_a_folder_written_before_the_transformer_existed_still_loads(tiny_model_dir, tmp_path):
+    """Its config has no model.heads or model.context, and its weights call the body `rnn`."""
+    old = tmp_path / "model"
+    old.mkdir()
+    for name in ("vocab.json", "engine.json"):
+        (old / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    del config["model"]["heads"], config["model"]["context"]
+    (old / "config.json").write_text(json.dumps(config))
+    weights = torch.load(tiny_model_dir / "weights.pt", weights_only=True)
+    assert any(k.startswith("body.") for k in weights)
+    torch.save({k.replace("body.", "rnn.", 1): v for k, v in weights.items()}, old / "weights.pt")
+    session, again = Engine.load(old).session(), Engine.load(tiny_model_dir).session()
+    for s in (session, again):
+        s.start_message("user")
+    np.testing.assert_array_equal(session.log_probs, again.log_probs)
+
+
 class Smuggled:
     """Anything but a tensor: weights_only loading must refuse to unpickle it."""
 

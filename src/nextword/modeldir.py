@@ -82,7 +82,10 @@ def load_trained(path, device="cpu") -> tuple[LanguageModel, Vocab, dict]:
     if len(vocab) != model.config.vocab_size:
         raise NextwordError(f"{path / VOCAB}: {len(vocab)} tokens, but {CONFIG} says {model.config.vocab_size}")
     try:
-        model.load_state_dict(torch.load(path / WEIGHTS, map_location=device, weights_only=True))
+        weights = torch.load(path / WEIGHTS, map_location=device, weights_only=True)
+        # Folders written before model.cell had a transformer call the recurrent body `rnn`.
+        weights = {f"body.{k[4:]}" if k.startswith("rnn.") else k: v for k, v in weights.items()}
+        model.load_state_dict(weights)
     except LOAD_ERRORS as err:
         raise damaged(path / WEIGHTS, err) from None
     return model.to(device).eval(), vocab, config
