@@ -52,8 +52,13 @@ import copy
 import gc
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import random
+import signal
+import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -77,6 +82,7 @@ from starlette.exceptions import HTTPException
 from nextword.config import EngineParams, Speaker
 from nextword.decoding import STRATEGIES
 from nextword.engine import Engine, Session
+from nextword.errors import NextwordError
 from nextword.files import write_text
 from nextword.text import detokenize, tokenize
 from nextword.windows import MESSAGE_END, message_head
@@ -691,35 +697,51 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
     return app
 
 
-SERVE_SETTINGS = "NEXTWORD_SERVE"  # the environment variable that carries serve()'s settings to its workers
-
-
 def serve(model_dir: str | Path, banned_words: str | Path | None = None, host: str = "127.0.0.1",
           port: int = 8000, log_path: str | Path = "reports/keystrokes.jsonl",
           options: EngineParams | None = None, *, overrides: dict | None = None, workers: int = 1) -> None:
     """Run the page and API with uvicorn until interrupted.
 
     ``workers`` processes answer on the same port, each with its own engine
-    and session cache (a connection stays with the worker that accepted it).
-    They share the event log (:class:`EventLog`). One worker keeps one core
-    busy at most; give it as many as the cores it may use.
+    and session cache; they share the event log (:class:`EventLog`). One
+    worker keeps one core busy at most: give it as many as the cores it may
+    use. Each worker listens on a socket of its own with ``SO_REUSEPORT``, so
+    the kernel spreads new connections evenly over them (uvicorn's own
+    ``--workers`` share one socket, and a busy worker can take nearly every
+    connection while the others idle). A connection stays with its worker.
     """
     import uvicorn
 
     settings = {"model_dir": str(model_dir), "banned_words": None if banned_words is None else str(banned_words),
                 "log_path": str(log_path), "options": None if options is None else options.model_dump(),
                 "overrides": overrides}
-    # Load it here first: a folder that cannot be served is one line now, not a worker dying over and over.
+    # Load it here first: a folder that cannot be served is one line now, not a worker dying.
     app = app_from_settings(settings)
     print(f"nextword: http://{host}:{port}/  (model {model_dir}, log {log_path}, "
-          f"{workers} worker{'s' if workers > 1 else ''}; Ctrl-C stops)")
+          f"{workers} worker{'s' if workers > 1 else ''}; Ctrl-C stops)", flush=True)
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
         return
     del app
-    os.environ[SERVE_SETTINGS] = json.dumps(settings)
-    uvicorn.run("nextword.server:worker_app", factory=True, workers=workers, host=host, port=port,
-                log_level="warning", access_log=False)
+    context = multiprocessing.get_context("spawn")  # a fork of a process that has run torch is not safe
+    processes = [context.Process(target=worker, args=(settings, host, port), name=f"nextword-worker-{n}")
+                 for n in range(workers)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the workers too, as Ctrl-C does
+    try:
+        for process in processes:
+            process.start()
+        multiprocessing.connection.wait([process.sentinel for process in processes])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # uvicorn finishes the requests in flight, then exits
+        for process in processes:
+            process.join()
+    failed = [process.exitcode for process in processes if process.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        raise NextwordError(f"a worker stopped with status {failed[0]}")
 
 
 def app_from_settings(settings: dict) -> FastAPI:
@@ -733,6 +755,18 @@ def app_from_settings(settings: dict) -> FastAPI:
     return app
 
 
-def worker_app() -> FastAPI:
-    """The app of one worker process of ``serve(workers=N)``: uvicorn's factory, settings from the environment."""
-    return app_from_settings(json.loads(os.environ[SERVE_SETTINGS]))
+def worker(settings: dict, host: str, port: int) -> None:
+    """One worker process of ``serve(workers=N)``: its own socket on the shared port, its own app."""
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        print(f"error: {host}:{port}: {err.strerror}", file=sys.stderr)
+        sys.exit(2)
+    app = app_from_settings(settings)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
