@@ -42,6 +42,15 @@ def split_stream(messages: Iterable[tuple[str, Sequence[str]]], vocab: Vocab, sp
     return np.asarray(ids, dtype=np.int32)
 
 
+def word_targets(messages: Iterable[tuple[str, Sequence[str]]], speaker_tags: bool) -> int:
+    """How many targets the word tokenizer's stream of ``(speaker, word tokens)`` messages has.
+
+    Every token of the stream but the first: words, punctuation and the message layout alike, as the
+    word model's perplexity counts them. Per-word perplexity divides any tokenizer's total NLL by it.
+    """
+    return max(sum(len(message_tokens(speaker, tokens, speaker_tags)) for speaker, tokens in messages) - 1, 0)
+
+
 def cut_windows(stream: np.ndarray, length: int) -> np.ndarray:
     """Cut a stream into ``[n, length + 1]`` windows that overlap by one id; pad the last with PAD."""
     if len(stream) < 2:

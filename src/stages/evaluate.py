@@ -1,6 +1,7 @@
 """Stage 7: perplexity, next-word accuracy and keystroke savings of the servable model folder, as DVC metrics.
 
-``reports/metrics.json`` holds what is reproducible: perplexity and top-1/top-3
+``reports/metrics.json`` holds what is reproducible: perplexity per token and
+per word (comparable across tokenizers, see ``nextword.metrics``) and top-1/top-3
 on validation and test, and the keystroke savings rate (KSR) with
 ``engine.suggestions`` suggestions on the first ``evaluate.ksr_conversations``
 test conversations, typed through the engine with the settings stored in the
@@ -24,8 +25,10 @@ from nextword import stage
 from nextword.engine import Engine
 from nextword.files import write_json, write_text
 from nextword.keystrokes import simulate
-from nextword.metrics import evaluate
+from nextword.metrics import evaluate, per_word
 from nextword.modeldir import load_trained
+from nextword.text import tokenize
+from nextword.windows import word_targets
 
 
 # The engine's parts in the order they are added to the LSTM: (label, the settings still off).
@@ -52,14 +55,17 @@ def engine_parts(model_dir, test: pd.DataFrame, conversations: int) -> str:
 
 
 def main(args, params):
-    model, vocab, _ = load_trained(args.model)
+    model, vocab, config = load_trained(args.model)
+    messages = pd.read_parquet(args.messages)
     metrics = {}
     for split in ("val", "test"):
         windows = np.load(f"{args.windows}/{split}.npy")
         metrics[split] = evaluate(model, windows, vocab, params.evaluate.batch_size)
+        part = messages[messages["split"] == split]
+        words = word_targets(zip(part["speaker"], map(tokenize, part["text"])), config["speaker_tags"])
+        metrics[split].update(per_word(metrics[split], words))
 
     e = params.evaluate
-    messages = pd.read_parquet(args.messages)
     test = messages[messages["split"] == "test"]
     engine = Engine.load(args.model)
     report = simulate(engine, test, k=engine.options.suggestions, max_conversations=e.ksr_conversations or None)
@@ -79,7 +85,7 @@ def main(args, params):
     write_text(args.parts, engine_parts(args.model, test, e.ablation_conversations))
     for split in ("val", "test"):
         m = metrics[split]
-        print(f"lstm {split}: perplexity {m['perplexity']:.2f}, top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}")
+        print(f"lstm {split}: perplexity {m['perplexity']:.2f} per token, {m['word_perplexity']:.2f} per word, top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}")
     k = metrics["keystrokes"]
     print(f"keystrokes: KSR {k['ksr']:.3f} over {k['words']} words of {k['conversations']} test conversations "
           f"(engine {engine.options.model_dump(exclude={'banned_words'})}), "
