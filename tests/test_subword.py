@@ -8,6 +8,7 @@ from conftest import ENGINE, PLAIN, TINY_CONVERSATION, save_servable, train_tiny
 from nextword.config import TokenizerParams
 from nextword.engine import Engine
 from nextword.keystrokes import simulate
+from nextword.oov import oov_report
 from nextword.subword import SubwordEngine
 from nextword.text import tokenize
 from nextword.tokenizer import train
@@ -84,3 +85,14 @@ def test_complete_gives_words_up_to_the_end_of_the_message_and_leaves_the_sessio
     assert (session.log_probs == before).all()
     fork = copy.copy(session)
     assert type(fork) is type(session) and fork.complete("greedy") == ["do", "for", "fun", "?"]
+
+
+def test_the_oov_report_counts_words_outside_the_word_vocabulary_and_those_completed(subword_dir, tiny_model_dir):
+    conversation = CONVERSATION + [("agent", "good morning marvin")]
+    vocabulary = {t for _, text in TINY_CONVERSATION for t in tokenize(text)}
+    by_word = oov_report(Engine.load(tiny_model_dir, options=ENGINE), [conversation], vocabulary)
+    by_pieces = oov_report(Engine.load(subword_dir, options=ENGINE), [conversation], vocabulary)
+    for report in (by_word, by_pieces):  # "hi", "marvin" and "marvin" again
+        assert (report.words, report.oov_words, report.oov_rate) == (13, 3, 3 / 13)
+    assert by_word.completed == 0
+    assert by_pieces.completed >= 1 and by_pieces.completed_share == by_pieces.completed / 3
