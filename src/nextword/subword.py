@@ -91,6 +91,8 @@ class SubwordEngine(Engine):
         # What may follow the last piece of a word: the next word or mark, or the message's layout.
         self.boundary_ids = np.array([i for i, piece in enumerate(vocab.tokens) if piece.startswith(WORD_START)]
                                      + [vocab.id(t) for t in (EOS, BOS, USER, AGENT)], dtype=np.int64)
+        self.continues_word = np.zeros(len(vocab), dtype=bool)
+        self.continues_word[self.continuations.ids] = True
         # A completed line is pieces and its end; banned words are cut off after decoding (see complete).
         self.blocked_complete = np.zeros(len(vocab), dtype=bool)
         self.blocked_complete[[vocab.id(t) for t in (PAD, UNK, BOS, USER, AGENT)]] = True
@@ -236,6 +238,8 @@ class SubwordSession(Session):
             first = [top[0].word]
             session.feed(first[0])
         state, log_probs = (session.state, session._history), session._distribution().log_probs
+        # The committed word is whole: the line goes on with a new word, a mark or the end of the message.
+        log_probs = decoding.masked(log_probs, engine.continues_word)
         args = (engine.step, state, log_probs, engine.blocked_complete, engine.vocab.id(EOS),
                 max(max_words - len(first), 0) * MAX_PIECES)
         if strategy == "beam":
