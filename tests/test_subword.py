@@ -1,6 +1,10 @@
 """The engine over a SentencePiece model: whole-word suggestions and completions, as the word engine gives."""
 
 import copy
+import json
+import math
+import subprocess
+import sys
 
 import pytest
 
@@ -96,3 +100,22 @@ def test_the_oov_report_counts_words_outside_the_word_vocabulary_and_those_compl
         assert (report.words, report.oov_words, report.oov_rate) == (13, 3, 3 / 13)
     assert by_word.completed == 0
     assert by_pieces.completed >= 1 and by_pieces.completed_share == by_pieces.completed / 3
+
+
+def test_the_command_line_serves_and_scores_a_subword_model(subword_dir, tiny_model_dir, tmp_path):
+    chat = tmp_path / "chat.csv"
+    chat.write_text("speaker,text\n" + "".join(f'{s},"{t}"\n' for s, t in TINY_CONVERSATION), encoding="utf-8")
+
+    def nextword(*args):
+        result = subprocess.run([sys.executable, "-m", "nextword.cli", *map(str, args)], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert nextword("complete", "--model", subword_dir, "--fp32", "good morning , how are ") == \
+        "good morning , how are you today?\n"
+    pieces = json.loads(nextword("evaluate", "--model", subword_dir, "--csv", chat, "--json"))
+    words = json.loads(nextword("evaluate", "--model", tiny_model_dir, "--csv", chat, "--json"))
+    assert pieces["words"] == words["words"] == 29 and pieces["tokens"] > words["tokens"]
+    assert words["word_perplexity"] == pytest.approx(words["perplexity"])
+    assert pieces["word_perplexity"] == pytest.approx(math.exp(pieces["nll"] * pieces["tokens"] / words["tokens"]))
