@@ -11,6 +11,9 @@
 * Top-1/top-3 accuracy is over targets that are words (an out-of-vocabulary
   word counts as a word and always as a miss), and the candidates are words
   only, as a suggestion strip would show them.
+  For a subword model the targets and candidates are pieces; the keystroke
+  simulation's top-1/top-3 (:mod:`nextword.keystrokes`) are over whole words
+  for every tokenizer.
 
 Both the LSTM and the n-gram baseline are scored by :class:`Scores`, on the
 same targets. The LSTM reads a split's windows in lanes with the recurrent

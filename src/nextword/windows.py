@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from nextword.text import tokenize
 from nextword.vocab import BOS, EOS, PAD_ID, SPEAKER_TAG, Vocab
 
 
@@ -49,6 +50,11 @@ def word_targets(messages: Iterable[tuple[str, Sequence[str]]], speaker_tags: bo
     word model's perplexity counts them. Per-word perplexity divides any tokenizer's total NLL by it.
     """
     return max(sum(len(message_tokens(speaker, tokens, speaker_tags)) for speaker, tokens in messages) - 1, 0)
+
+
+def table_word_targets(table, speaker_tags: bool) -> int:
+    """:func:`word_targets` of the rows of a messages table (its ``speaker`` and ``text`` columns)."""
+    return word_targets(zip(table["speaker"], map(tokenize, table["text"])), speaker_tags)
 
 
 def cut_windows(stream: np.ndarray, length: int) -> np.ndarray:

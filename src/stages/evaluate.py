@@ -33,7 +33,7 @@ from nextword.modeldir import load_trained
 from nextword.oov import oov_report
 from nextword.text import tokenize
 from nextword.vocab import Vocab
-from nextword.windows import word_targets
+from nextword.windows import table_word_targets
 
 
 # The engine's parts in the order they are added to the LSTM: (label, the settings still off).
@@ -66,8 +66,7 @@ def main(args, params):
     for split in ("val", "test"):
         windows = np.load(f"{args.windows}/{split}.npy")
         metrics[split] = evaluate(model, windows, vocab, params.evaluate.batch_size)
-        part = messages[messages["split"] == split]
-        words = word_targets(zip(part["speaker"], map(tokenize, part["text"])), config["speaker_tags"])
+        words = table_word_targets(messages[messages["split"] == split], config["speaker_tags"])
         metrics[split].update(per_word(metrics[split], words))
 
     e = params.evaluate
