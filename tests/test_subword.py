@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ENGINE, PLAIN, TINY_CONVERSATION, save_servable, train_tiny_model
@@ -119,3 +120,15 @@ def test_the_command_line_serves_and_scores_a_subword_model(subword_dir, tiny_mo
     assert pieces["words"] == words["words"] == 29 and pieces["tokens"] > words["tokens"]
     assert words["word_perplexity"] == pytest.approx(words["perplexity"])
     assert pieces["word_perplexity"] == pytest.approx(math.exp(pieces["nll"] * pieces["tokens"] / words["tokens"]))
+
+
+def test_the_search_steps_many_hypotheses_at_once_as_one_at_a_time(subword_dir):
+    engine = Engine.load(subword_dir, options=PLAIN)
+    session = engine.session()
+    session.type_text("user", "good morning , ")
+    state = (session.state, session._history)
+    pieces = [engine.vocab.id(p) for p in ("▁how", "▁you", "▁t")]
+    pieces = [p for p in pieces if p != engine.vocab.id("<UNK>")] + [engine.starts.ids[0]]
+    batched = engine.step_many(pieces, [state] * len(pieces))
+    for piece, (log_probs, _) in zip(pieces, batched):
+        assert np.allclose(log_probs, engine.step(piece, state)[0], atol=1e-5)

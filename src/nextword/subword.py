@@ -35,8 +35,10 @@ import copy
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from nextword import decoding
+from nextword.backends import TorchStep
 from nextword.engine import Engine, Session, Suggestion, _Cache, _Distribution
 from nextword.text import PUNCTUATION, is_word
 from nextword.tokenizer import WORD_START, Tokenizer
@@ -118,6 +120,34 @@ class SubwordEngine(Engine):
     def session(self) -> "SubwordSession":
         return SubwordSession(self)
 
+    def step_many(self, token_ids: list[int], states: list) -> list:
+        """:meth:`Engine.step` for several (token, state) pairs: in one model call with the PyTorch backend."""
+        if not isinstance(self.backend, TorchStep) or len(token_ids) == 1:
+            return [self.step(token, state) for token, state in zip(token_ids, states)]
+        model_states = [model_state for model_state, _ in states]
+        with torch.no_grad():  # one output layer for the whole batch: the costly part of a step
+            feats, batched = self.model.features(torch.tensor(token_ids)[:, None], _concatenate(model_states))
+            log_probs = self.model.log_probs(feats[:, -1]).numpy()
+        out = []
+        for row, (token, (_, history)) in enumerate(zip(token_ids, states)):
+            history = self.extend_history(history, [token])
+            out.append((self.mix(log_probs[row], history, None), (_row(batched, row), history)))
+        return out
+
+
+def _concatenate(states: list):
+    """Recurrent states of batch 1 (a tensor, or a tuple for an LSTM) as one state of their batch."""
+    if isinstance(states[0], tuple):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*states))
+    return torch.cat(states, dim=1)
+
+
+def _row(state, row: int):
+    """One row of a batched recurrent state, as a state of batch 1."""
+    if isinstance(state, tuple):
+        return tuple(part[:, row:row + 1] for part in state)
+    return state[:, row:row + 1]
+
 
 def _remember(cache: _Cache, token: str, countable: bool) -> _Cache:
     """The word cache after ``token`` is committed (in new dicts: snapshots and forks keep the old one)."""
@@ -162,6 +192,13 @@ class SubwordSession(Session):
             node = self._nodes[ids] = self.engine.step(ids[-1], state)
         return node
 
+    def _run(self, hypotheses: list[tuple[int, ...]]) -> None:
+        """Compute the nodes of the hypotheses not yet run, whose parents are, in one batch."""
+        new = [ids for ids in dict.fromkeys(hypotheses) if ids not in self._nodes]
+        if new:
+            steps = self.engine.step_many([ids[-1] for ids in new], [self._nodes[ids[:-1]][1] for ids in new])
+            self._nodes.update(zip(new, steps))
+
     def _words(self, dist: _Distribution, prefix: str, want: int) -> dict[str, float]:
         """Words that start with ``prefix`` and the model's probability of each, from the beam search."""
         if self._searched is not dist:  # a new position: new dicts, so a fork at the old one keeps its own
@@ -175,6 +212,7 @@ class SubwordSession(Session):
         found: dict[str, float] = {}
         frontier = [(0.0, (), "")]  # (log-probability of the pieces, piece ids, the text they spell)
         for depth in range(MAX_PIECES + 1):
+            self._run([ids for _, ids, _ in frontier])
             grown = []
             for log_p, ids, text in frontier:
                 log_probs, _ = self._node(ids)
