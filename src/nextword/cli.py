@@ -165,8 +165,8 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['csv']}: {keys.conversations} conversations, {keys.messages} messages, {keys.words} words")
-    print(f"perplexity      {scores['perplexity']:.2f} (the LSTM; nll {scores['nll']:.4f} over {scores['tokens']} tokens), "
-          f"{scores['word_perplexity']:.2f} per word")
+    print(f"perplexity      {scores['perplexity']:.2f} (the LSTM; nll {scores['nll']:.4f} over {scores['tokens']} "
+          f"tokens), {scores['word_perplexity']:.2f} per word")
     print(f"top-1 / top-3   {keys.top1:.3f} / {keys.top3:.3f}")
     print(f"keystrokes      {keys.keystrokes} of {keys.keystrokes_without}: KSR {keys.ksr:.2%} "
           f"({engine.options.suggestions} suggestions); words passed over shown again "

@@ -49,8 +49,12 @@ def oov_report(engine: Engine, conversations: pd.DataFrame | Iterable[Conversati
                     words += 1
                     if token not in vocabulary:
                         oov += 1
-                        cost = word_cost(token, lambda prefix: [s.word for s in session.suggest(prefix, k, typing=True)])
-                        completed += cost <= len(token)
+                        completed += word_cost(token, lambda prefix: strip(session, prefix, k)) <= len(token)
                 session.feed(token)
             session.end_message()
     return OovReport(words, oov, oov / words if words else 0.0, completed, completed / oov if oov else 0.0)
+
+
+def strip(session, prefix: str, k: int) -> list[str]:
+    """The words the strip shows for ``prefix``, to someone typing letter by letter."""
+    return [s.word for s in session.suggest(prefix, k, typing=True)]

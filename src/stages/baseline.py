@@ -26,7 +26,8 @@ def main(args, params):
         start = time.perf_counter()
         m = metrics[split] = evaluate_ngram(model, np.load(f"{args.windows}/{split}.npy"), vocab)
         m.update(per_word(m, table_word_targets(messages[messages["split"] == split], params.window.speaker_tags)))
-        print(f"{split}: perplexity {m['perplexity']:.2f} ({m['word_perplexity']:.2f} per word), top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}"
+        print(f"{split}: perplexity {m['perplexity']:.2f} ({m['word_perplexity']:.2f} per word), "
+              f"top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}"
               f" ({m['tokens']} tokens in {time.perf_counter() - start:.0f} s)")
     write_json(args.metrics, metrics)
 
