@@ -132,3 +132,22 @@ def test_the_search_steps_many_hypotheses_at_once_as_one_at_a_time(subword_dir):
     batched = engine.step_many(pieces, [state] * len(pieces))
     for piece, (log_probs, _) in zip(pieces, batched):
         assert np.allclose(log_probs, engine.step(piece, state)[0], atol=1e-5)
+
+
+def test_the_onnx_backend_suggests_the_same_words(subword_dir, tmp_path):
+    import shutil
+
+    from nextword.export import export_onnx
+    from nextword.modeldir import load_trained, onnx_file
+
+    folder = shutil.copytree(subword_dir, tmp_path / "model")
+    export_onnx(load_trained(folder)[0], onnx_file(folder, int8=False))
+    engines = [Engine.load(folder, options=PLAIN.model_copy(update={"backend": backend}))
+               for backend in ("torch", "onnx")]
+    strips = []
+    for engine in engines:
+        session = engine.session()
+        session.add_message(*CONVERSATION[0])
+        session.type_text("agent", "good morning , how are ")
+        strips.append([words(session.suggest(prefix, 3)) for prefix in ("", "y", "t", "mar")])
+    assert strips[0] == strips[1]
