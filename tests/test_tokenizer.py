@@ -43,11 +43,13 @@ def test_text_to_pieces_and_back_gives_the_same_text(model_type):
     assert tokenizer.pieces_of_messages([["good", "morning"], []]) == [tokenizer.pieces(["good", "morning"]), []]
 
 
-def test_the_message_layout_keeps_the_ids_of_a_word_vocabulary():
+def test_the_message_layout_keeps_the_ids_of_a_word_vocabulary_and_pieces_go_by_count():
     tokenizer = sentencepiece()
     vocab = tokenizer.vocab(CORPUS)
     assert vocab.tokens[: len(SPECIALS)] == list(SPECIALS)
     assert len(vocab) == tokenizer.processor.get_piece_size()
+    counts = vocab.counts[len(SPECIALS):]
+    assert counts == sorted(counts, reverse=True)
     stream = split_stream([("user", tokenizer.pieces(["hi"]))], vocab, speaker_tags=True)
     assert vocab.decode(stream)[:2] == ["<USER>", "<BOS>"] and vocab.decode(stream)[-1] == "<EOS>"
     # The layout is never produced from text: the word tokenizer drops "<" and ">".
@@ -123,7 +125,10 @@ def test_the_vocab_stage_trains_sentencepiece_on_the_train_split_only(tmp_path):
         assert run == 0 or model == first_model  # noqa: F821 - the same params and data, the same model
         first_model = model
     vocab, tokenizer = Vocab.load(out), Tokenizer.load(folder)
-    assert vocab.tokens == [tokenizer.processor.id_to_piece(i) for i in range(len(vocab))]
+    assert sorted(vocab.tokens) == sorted(tokenizer.processor.id_to_piece(i) for i in range(len(vocab)))
+    assert vocab.tokens[: len(SPECIALS)] == list(SPECIALS)
+    counts = vocab.counts[len(SPECIALS):]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]  # by count, as words are
     assert not any(c in piece for piece in vocab.tokens for c in "qzjb")  # letters of val and test only
     assert vocab.counts[vocab.tokens.index(tokenizer.pieces(["hello"])[0])] == 2
     assert np.all(np.array(vocab.counts[: len(SPECIALS)]) == 0)

@@ -9,11 +9,13 @@ mark ``▁`` (so ``, `` becomes ``▁,``); pieces never span two tokens, so the
 pieces of a message join back into exactly its word tokens.
 
 The message layout (``<USER>``/``<AGENT>``, ``<BOS>``, ``<EOS>``) and ``<PAD>``,
-``<UNK>`` are pieces of the SentencePiece model at the same ids as in a word
-vocabulary (:data:`nextword.vocab.SPECIALS`): control and user-defined symbols,
-which the text never produces (the word tokenizer drops ``<`` and ``>``). So the
-language model's vocabulary is the SentencePiece model's pieces in id order,
-and the windows, training, metrics and n-gram work on ids as for words.
+``<UNK>`` are pieces of the SentencePiece model (control and user-defined
+symbols, which the text never produces: the word tokenizer drops ``<`` and
+``>``). The language model's vocabulary is the model's pieces, ordered as a
+word vocabulary is: the specials first (:data:`nextword.vocab.SPECIALS`), then
+by count in the train split, so the adaptive softmax's head holds the frequent
+pieces. Pieces map to ids by their text, so the windows, training, metrics and
+n-gram work on ids as for words.
 
 Training reads nothing but the train split and downloads nothing; it runs on
 one thread with the pipeline's seed, so the same data and params give the
@@ -83,14 +85,16 @@ class Tokenizer:
         return "".join(pieces).replace(WORD_START, " ").split()
 
     def vocab(self, token_lists: Iterable[Sequence[str]]) -> Vocab:
-        """The SentencePiece model's pieces in id order, with their counts in ``token_lists``."""
+        """Every piece of the SentencePiece model: the specials, then by count in ``token_lists`` (ties: by id)."""
         if self.processor is None:
             raise NextwordError("the word tokenizer's vocabulary is built by Vocab.build")
         counts: Counter[str] = Counter()
         for pieces in self.pieces_of_messages(token_lists):
             counts.update(pieces)
-        tokens = [self.processor.id_to_piece(i) for i in range(self.processor.get_piece_size())]
-        return Vocab(tokens, [counts.get(t, 0) for t in tokens])
+        pieces = [self.processor.id_to_piece(i) for i in range(self.processor.get_piece_size())]
+        ranked = sorted((p for p in pieces if p not in SPECIALS), key=lambda p: -counts[p])  # stable: ties by id
+        tokens = list(SPECIALS) + ranked
+        return Vocab(tokens, [0] * len(SPECIALS) + [counts[p] for p in ranked])
 
     def save(self, folder) -> None:
         """Write ``tokenizer.json`` (and ``sentencepiece.model``) into an existing ``folder``."""
@@ -150,7 +154,4 @@ def train(token_lists: Iterable[Sequence[str]], params: TokenizerParams, seed: i
             input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
     except RuntimeError as err:
         raise NextwordError(f"tokenizer: sentencepiece training failed ({str(err).splitlines()[0]})") from None
-    tokenizer = Tokenizer(params, model.getvalue())
-    tokens = [tokenizer.processor.id_to_piece(i) for i in range(len(SPECIALS))]
-    assert tuple(tokens) == SPECIALS, tokens  # the ids of the message layout are those of a word vocabulary
-    return tokenizer
+    return Tokenizer(params, model.getvalue())
