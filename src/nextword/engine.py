@@ -45,6 +45,7 @@ from nextword.errors import NextwordError
 from nextword.modeldir import load_servable, onnx_file, read_banned_words
 from nextword.ngram import KneserNey
 from nextword.text import PUNCTUATION, is_word, tokenize
+from nextword.tokenizer import WORD
 from nextword.vocab import EOS, SPEAKER_TAG
 from nextword.windows import MESSAGE_END, message_head
 
@@ -133,7 +134,7 @@ class Engine:
         elif options.int8:
             model = quantize_int8(model)
         banned = read_banned_words(options.banned_words)
-        if servable.tokenizer.kind != "word":
+        if servable.tokenizer.kind != WORD:
             from nextword.subword import SubwordEngine  # it builds on this module
 
             return SubwordEngine(model, servable.vocab, servable.config, banned, servable.ngram, options,

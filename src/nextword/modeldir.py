@@ -2,9 +2,9 @@
 
 The train stage writes the *trained* folder: ``weights.pt`` (a state dict),
 ``vocab.json`` and ``config.json`` (the model's shape, the window length,
-whether messages carry speaker tags), and the tokenizer (``tokenizer.json``, and
-``sentencepiece.model`` for pieces; see ``nextword.tokenizer``). The bundle stage copies it into the
-*servable* folder and adds what the suggestion engine needs:
+whether messages carry speaker tags), and the tokenizer (``tokenizer.json``,
+and ``sentencepiece.model`` for pieces; see ``nextword.tokenizer``). The bundle
+stage copies it into the *servable* folder and adds what the suggestion engine needs:
 
 * ``engine.json``: the ``engine`` params the pipeline evaluated with;
 * ``ngram.npz``: the Kneser-Ney n-gram the engine mixes in (when ``engine.ngram_order`` > 0);
