@@ -41,10 +41,10 @@ def train_params(**settings) -> TrainParams:
     return TrainParams.model_validate(DEFAULTS.train.model_dump() | settings)
 
 
-def save_servable(path, model, vocab, extra: dict, options=ENGINE, ngram=None) -> None:
+def save_servable(path, model, vocab, extra: dict, options=ENGINE, ngram=None, tokenizer=None) -> None:
     """A servable model folder, as the train and bundle stages write one."""
     trained = Path(path).with_name(Path(path).name + ".trained")
-    save_trained(trained, model, vocab, extra)
+    save_trained(trained, model, vocab, extra, tokenizer)
     write_servable(path, trained, options, ngram)
 
 TINY_CONVERSATION = [
@@ -55,11 +55,18 @@ TINY_CONVERSATION = [
 ]
 
 
-def train_tiny_model(messages=TINY_CONVERSATION, steps: int = 150, seed: int = 0, cell: str = "lstm"):
-    """A small model (an LSTM unless ``cell`` says) trained to memorise ``messages`` (repeated): (model, vocab)."""
+def train_tiny_model(messages=TINY_CONVERSATION, steps: int = 150, seed: int = 0, cell: str = "lstm", tokenizer=None):
+    """A small model (an LSTM unless ``cell`` says) trained to memorise ``messages`` (repeated): (model, vocab).
+
+    With a sentencepiece ``tokenizer`` (trained on ``messages``), on its pieces.
+    """
     torch.manual_seed(seed)
     tokenized = [(speaker, tokenize(text)) for speaker, text in messages]
-    vocab = Vocab.build([toks for _, toks in tokenized])
+    if tokenizer is None:
+        vocab = Vocab.build([toks for _, toks in tokenized])
+    else:
+        vocab = tokenizer.vocab([toks for _, toks in tokenized])
+        tokenized = [(speaker, tokenizer.pieces(toks)) for speaker, toks in tokenized]
     stream = split_stream(tokenized * 20, vocab, speaker_tags=True)
     windows = cut_windows(stream, 8)
     data = torch.from_numpy(lanes(windows, 8, pad_tail=False)).long()

@@ -64,6 +64,9 @@ def test_toy_preset(tmp_path):
         ("sample.top_p", 1.5),
         ("preset", "huge"),
         ("train.lr", "fast"),
+        ("tokenizer.kind", "bytes"),
+        ("tokenizer.vocab_size", 7),
+        ("tokenizer.model_type", "wordpiece"),
     ],
 )
 def test_invalid_values_name_the_key(key, value):

@@ -243,8 +243,8 @@ def test_a_pulled_pipeline_is_up_to_date_and_serves_without_training(project, tm
 def test_unreachable_tracking_server_fails_the_stage_at_once(project):
     env = dict(project.env, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     proc = subprocess.run(
-        [sys.executable, "src/stages/train.py", "--vocab", "data/processed/vocab.json", "--windows",
-         "data/processed/windows", "--model", "/tmp/never", "--checkpoint", "/tmp/never.pt", "--curves",
+        [sys.executable, "src/stages/train.py", "--vocab", "data/processed/vocab.json", "--tokenizer",
+         "data/processed/tokenizer", "--windows", "data/processed/windows", "--model", "/tmp/never", "--checkpoint", "/tmp/never.pt", "--curves",
          "/tmp/never.csv", "--run", "/tmp/never.json"],
         cwd=project.path, env=env, capture_output=True, text=True, timeout=120,
     )

@@ -91,5 +91,6 @@ def test_vocab_stage_reads_the_train_split_only(tmp_path):
                     "--out", str(params)], check=True, capture_output=True)
     out = tmp_path / "vocab.json"
     subprocess.run([sys.executable, str(root / "src/stages/vocab.py"), "--params", str(params),
-                    "--tokens", str(tokens), "--out", str(out)], check=True, capture_output=True)
+                    "--tokens", str(tokens), "--tokenizer", str(tmp_path / "tokenizer"), "--out", str(out)],
+                   check=True, capture_output=True)
     assert Vocab.load(out).tokens[len(SPECIALS):] == ["hello", "there"]

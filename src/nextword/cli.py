@@ -128,21 +128,24 @@ def cmd_evaluate(args) -> None:
     import torch  # only once the CSV is known to be good: a bad file fails fast
 
     from nextword.keystrokes import conversations_from_table, simulate
-    from nextword.metrics import evaluate
+    from nextword.metrics import evaluate, per_word
     from nextword.modeldir import load_trained
     from nextword.text import tokenize
-    from nextword.windows import cut_windows, split_stream
+    from nextword.tokenizer import Tokenizer
+    from nextword.windows import cut_windows, split_stream, word_targets
 
     conversations = conversations_from_table(messages)[: args.max_conversations]
     threads = args.threads or torch.get_num_threads()
     engine = load_engine(args)
 
     # Perplexity as the evaluate stage computes it, on the messages' stream cut into windows.
-    messages = ((speaker, tokenize(text)) for conversation in conversations for speaker, text in conversation)
-    stream = split_stream(messages, engine.vocab, engine.speaker_tags)
+    messages = [(speaker, tokenize(text)) for conversation in conversations for speaker, text in conversation]
+    tokenizer = Tokenizer.load(args.model)
+    stream = split_stream(((s, tokenizer.pieces(t)) for s, t in messages), engine.vocab, engine.speaker_tags)
     windows = cut_windows(stream, engine.config["window_length"])
     torch.set_num_threads(threads)
     scores = evaluate(load_trained(args.model)[0], windows, engine.vocab)  # the LSTM alone, in float32
+    scores.update(per_word(scores, word_targets(messages, engine.speaker_tags)))
     torch.set_num_threads(1)  # latency is measured on one thread
     keys = simulate(engine, conversations, k=engine.options.suggestions)
 
@@ -155,13 +158,15 @@ def cmd_evaluate(args) -> None:
         "perplexity": scores["perplexity"],
         "nll": scores["nll"],
         "tokens": scores["tokens"],
+        "word_perplexity": scores["word_perplexity"],
         **{name: value for name, value in keys.to_dict().items() if name not in ("conversations", "messages")},
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['csv']}: {keys.conversations} conversations, {keys.messages} messages, {keys.words} words")
-    print(f"perplexity      {scores['perplexity']:.2f} (the LSTM; nll {scores['nll']:.4f} over {scores['tokens']} tokens)")
+    print(f"perplexity      {scores['perplexity']:.2f} (the LSTM; nll {scores['nll']:.4f} over {scores['tokens']} "
+          f"tokens), {scores['word_perplexity']:.2f} per word")
     print(f"top-1 / top-3   {keys.top1:.3f} / {keys.top3:.3f}")
     print(f"keystrokes      {keys.keystrokes} of {keys.keystrokes_without}: KSR {keys.ksr:.2%} "
           f"({engine.options.suggestions} suggestions); words passed over shown again "

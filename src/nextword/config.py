@@ -57,6 +57,19 @@ class VocabParams(_Section):
     max_size: int = Field(ge=7)  # includes the six specials
 
 
+class TokenizerParams(_Section):
+    """What the language model's tokens are: the words of ``nextword.text``, or SentencePiece pieces of them.
+
+    ``sentencepiece`` trains a model of about ``vocab_size`` pieces (specials included; fewer when the train
+    split has too few distinct pieces) on the train split; ``vocab.*`` then sizes only the word vocabulary
+    that out-of-vocabulary rates are measured against.
+    """
+
+    kind: Literal["word", "sentencepiece"]
+    vocab_size: int = Field(ge=8)  # the six specials, a word start and at least one letter
+    model_type: Literal["unigram", "bpe"]
+
+
 class WindowParams(_Section):
     length: int = Field(ge=1)
     speaker_tags: bool
@@ -198,6 +211,7 @@ class Params(_Section):
     seed: int
     data: DataParams
     vocab: VocabParams
+    tokenizer: TokenizerParams
     window: WindowParams
     model: ModelParams
     train: TrainParams

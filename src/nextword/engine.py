@@ -47,6 +47,7 @@ from nextword.errors import NextwordError
 from nextword.modeldir import load_servable, onnx_file, read_banned_words
 from nextword.ngram import KneserNey
 from nextword.text import PUNCTUATION, is_word, tokenize
+from nextword.tokenizer import WORD
 from nextword.vocab import EOS, SPEAKER_TAG
 from nextword.windows import MESSAGE_END, message_head
 
@@ -128,7 +129,8 @@ class Engine:
 
         ``options`` replaces those settings whole; ``overrides`` changes single ones (the CLI's flags).
         With ``backend: onnx`` the step runs the folder's exported graph (``model.int8.onnx`` with
-        ``int8``, else ``model.onnx``), or the one at ``onnx``.
+        ``int8``, else ``model.onnx``), or the one at ``onnx``. A folder whose model was trained on
+        SentencePiece pieces loads as a :class:`nextword.subword.SubwordEngine`, which suggests whole words.
         """
         torch.set_num_threads(1)  # one step of a small model: threads cost more than they give
         servable = load_servable(model_dir, options, overrides)
@@ -138,8 +140,13 @@ class Engine:
             backend = OnnxStep(onnx or onnx_file(model_dir, options.int8), model.config)
         elif options.int8:
             model = quantize_int8(model)
-        return cls(model, servable.vocab, servable.config, read_banned_words(options.banned_words), servable.ngram,
-                   options, backend)
+        banned = read_banned_words(options.banned_words)
+        if servable.tokenizer.kind != WORD:
+            from nextword.subword import SubwordEngine  # it builds on this module
+
+            return SubwordEngine(model, servable.vocab, servable.config, banned, servable.ngram, options,
+                                 servable.tokenizer, backend)
+        return cls(model, servable.vocab, servable.config, banned, servable.ngram, options, backend)
 
     @property
     def caching(self) -> bool:
@@ -264,7 +271,7 @@ class Session:
         self._lock = threading.Lock()  # a shared session may be read from several threads
 
     def __copy__(self) -> "Session":
-        new = Session.__new__(Session)
+        new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._pending = list(self._pending)
         new._draft = dataclasses.replace(self._draft) if self._draft is not None else None

@@ -2,9 +2,18 @@
 
 * Perplexity is exp(mean negative log-likelihood) over every non-PAD target
   (words, punctuation and the structure tokens alike), the usual LM figure.
+  Its unit is the tokenizer's token, so a subword model's is not comparable
+  with a word model's; per-word perplexity is: exp(the split's total NLL /
+  its number of words), where the number of words is the same for every
+  tokenizer, the word tokenizer's count of the split's targets
+  (:func:`nextword.windows.word_targets`: every word, punctuation mark and
+  layout token, ``<EOS>`` included). For the word tokenizer the two are equal.
 * Top-1/top-3 accuracy is over targets that are words (an out-of-vocabulary
   word counts as a word and always as a miss), and the candidates are words
   only, as a suggestion strip would show them.
+  For a subword model the targets and candidates are pieces; the keystroke
+  simulation's top-1/top-3 (:mod:`nextword.keystrokes`) are over whole words
+  for every tokenizer.
 
 Both the LSTM and the n-gram baseline are scored by :class:`Scores`, on the
 same targets. The LSTM reads a split's windows in lanes with the recurrent
@@ -71,6 +80,12 @@ class Scores:
             "top3": self.top3 / max(self.words, 1),
             "word_tokens": self.words,
         }
+
+
+def per_word(result: dict, words: int) -> dict:
+    """Per-word perplexity of a :meth:`Scores.result`: its total NLL over ``words`` (see the module docstring)."""
+    total_nll = result["nll"] * result["tokens"]
+    return {"words": words, "word_perplexity": math.exp(total_nll / max(words, 1))}
 
 
 @torch.no_grad()

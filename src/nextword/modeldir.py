@@ -2,8 +2,9 @@
 
 The train stage writes the *trained* folder: ``weights.pt`` (a state dict),
 ``vocab.json`` and ``config.json`` (the model's shape, the window length,
-whether messages carry speaker tags). The bundle stage copies it into the
-*servable* folder and adds what the suggestion engine needs:
+whether messages carry speaker tags), and the tokenizer (``tokenizer.json``,
+and ``sentencepiece.model`` for pieces; see ``nextword.tokenizer``). The bundle
+stage copies it into the *servable* folder and adds what the suggestion engine needs:
 
 * ``engine.json``: the ``engine`` params the pipeline evaluated with;
 * ``ngram.npz``: the Kneser-Ney n-gram the engine mixes in (when ``engine.ngram_order`` > 0);
@@ -40,6 +41,7 @@ from nextword.files import atomic_path, read_json, write_json
 from nextword.model import LanguageModel
 from nextword.ngram import KneserNey
 from nextword.text import tokenize
+from nextword.tokenizer import FILES as TOKENIZER_FILES, SPM_MODEL, Tokenizer
 from nextword.vocab import Vocab
 
 WEIGHTS, VOCAB, CONFIG = "weights.pt", "vocab.json", "config.json"
@@ -53,10 +55,12 @@ LOAD_ERRORS = (pickle.UnpicklingError, json.JSONDecodeError, KeyError, TypeError
                ValueError, OSError, ValidationError, IndexError)
 
 
-def save_trained(path, model: LanguageModel, vocab: Vocab, extra: dict) -> None:
-    """Write a trained folder: weights, vocabulary, and ``config.json`` (the model config plus ``extra``)."""
+def save_trained(path, model: LanguageModel, vocab: Vocab, extra: dict, tokenizer: Tokenizer | None = None) -> None:
+    """Write a trained folder: weights, vocabulary, ``config.json`` (the model config plus ``extra``), tokenizer."""
     with atomic_path(path) as tmp:
         tmp.mkdir()
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
         vocab.save(tmp / VOCAB)
         write_json(tmp / CONFIG, {"model": model.config.model_dump(), **extra})
@@ -125,8 +129,9 @@ def write_servable(path, trained: str | Path, options: EngineParams, ngram: Knes
     read_banned_words(options.banned_words)  # refuse a missing or unreadable list before writing anything
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        for name in TRAINED_FILES:
-            shutil.copy2(trained / name, tmp / name)
+        for name in TRAINED_FILES + TOKENIZER_FILES:
+            if name in TRAINED_FILES or (trained / name).is_file():
+                shutil.copy2(trained / name, tmp / name)
         banned = None
         if options.banned_words:
             shutil.copyfile(options.banned_words, tmp / BANNED)
@@ -174,6 +179,7 @@ class Servable:
     config: dict
     options: EngineParams
     ngram: KneserNey | None
+    tokenizer: Tokenizer
 
 
 def load_servable(path, options: EngineParams | None = None, overrides: dict | None = None) -> Servable:
@@ -187,4 +193,13 @@ def load_servable(path, options: EngineParams | None = None, overrides: dict | N
     if overrides:
         options = EngineParams.model_validate(options.model_dump() | overrides)
     ngram = load_ngram(path, len(vocab)) if options.ngram_weight > 0 else None
-    return Servable(model, vocab, config, options, ngram)
+    return Servable(model, vocab, config, options, ngram, load_tokenizer(path, vocab))
+
+
+def load_tokenizer(path, vocab: Vocab) -> Tokenizer:
+    """The folder's tokenizer (words when it has none), checked against its vocabulary."""
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.processor is not None and tokenizer.processor.get_piece_size() != len(vocab):
+        raise NextwordError(f"{Path(path) / SPM_MODEL}: {tokenizer.processor.get_piece_size()} pieces, "
+                            f"but {VOCAB} has {len(vocab)} tokens")
+    return tokenizer

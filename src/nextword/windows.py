@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from nextword.text import tokenize
 from nextword.vocab import BOS, EOS, PAD_ID, SPEAKER_TAG, Vocab
 
 
@@ -40,6 +41,20 @@ def split_stream(messages: Iterable[tuple[str, Sequence[str]]], vocab: Vocab, sp
     for speaker, tokens in messages:
         ids.extend(vocab.encode(message_tokens(speaker, tokens, speaker_tags)))
     return np.asarray(ids, dtype=np.int32)
+
+
+def word_targets(messages: Iterable[tuple[str, Sequence[str]]], speaker_tags: bool) -> int:
+    """How many targets the word tokenizer's stream of ``(speaker, word tokens)`` messages has.
+
+    Every token of the stream but the first: words, punctuation and the message layout alike, as the
+    word model's perplexity counts them. Per-word perplexity divides any tokenizer's total NLL by it.
+    """
+    return max(sum(len(message_tokens(speaker, tokens, speaker_tags)) for speaker, tokens in messages) - 1, 0)
+
+
+def table_word_targets(table, speaker_tags: bool) -> int:
+    """:func:`word_targets` of the rows of a messages table (its ``speaker`` and ``text`` columns)."""
+    return word_targets(zip(table["speaker"], map(tokenize, table["text"])), speaker_tags)
 
 
 def cut_windows(stream: np.ndarray, length: int) -> np.ndarray:

@@ -3,12 +3,14 @@
 import time
 
 import numpy as np
+import pandas as pd
 
 from nextword import stage
 from nextword.files import write_json
-from nextword.metrics import evaluate_ngram
+from nextword.metrics import evaluate_ngram, per_word
 from nextword.ngram import KneserNey, stream_from_windows
 from nextword.vocab import Vocab
+from nextword.windows import table_word_targets
 
 
 def main(args, params):
@@ -18,14 +20,17 @@ def main(args, params):
                           params.baseline.order)
     print(f"order {model.order} fitted in {time.perf_counter() - start:.1f} s; discounts per order "
           + ", ".join("(" + ", ".join(f"{d:.3f}" for d in ds) + ")" for ds in model.discounts))
+    messages = pd.read_parquet(args.messages, columns=["split", "speaker", "text"])
     metrics = {}
     for split in ("val", "test"):
         start = time.perf_counter()
         m = metrics[split] = evaluate_ngram(model, np.load(f"{args.windows}/{split}.npy"), vocab)
-        print(f"{split}: perplexity {m['perplexity']:.2f}, top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}"
+        m.update(per_word(m, table_word_targets(messages[messages["split"] == split], params.window.speaker_tags)))
+        print(f"{split}: perplexity {m['perplexity']:.2f} ({m['word_perplexity']:.2f} per word), "
+              f"top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}"
               f" ({m['tokens']} tokens in {time.perf_counter() - start:.0f} s)")
     write_json(args.metrics, metrics)
 
 
 if __name__ == "__main__":
-    stage.run(main, "vocab", "windows", "metrics", description=__doc__)
+    stage.run(main, "vocab", "windows", "messages", "metrics", description=__doc__)

@@ -1,11 +1,15 @@
 """Stage 7: perplexity, next-word accuracy and keystroke savings of the servable model folder, as DVC metrics.
 
-``reports/metrics.json`` holds what is reproducible: perplexity and top-1/top-3
+``reports/metrics.json`` holds what is reproducible: perplexity per token and
+per word (comparable across tokenizers, see ``nextword.metrics``) and top-1/top-3
 on validation and test, and the keystroke savings rate (KSR) with
 ``engine.suggestions`` suggestions on the first ``evaluate.ksr_conversations``
 test conversations, typed through the engine with the settings stored in the
 model folder (so the figures are those of what is served), also with and
-without ``skip_rejected`` (see ``nextword.keystrokes``). Keystroke latency
+without ``skip_rejected`` (see ``nextword.keystrokes``); and, on the same
+conversations, the share of words outside the word vocabulary (``vocab.*`` on
+the train split) and how many of those the engine completes (``nextword.oov``),
+which only a subword model can. Keystroke latency
 depends on the machine, so it goes to ``reports/latency.json``, not into the
 metrics that `dvc exp show` compares. The track stage logs both to MLflow.
 
@@ -24,8 +28,12 @@ from nextword import stage
 from nextword.engine import Engine
 from nextword.files import write_json, write_text
 from nextword.keystrokes import simulate
-from nextword.metrics import evaluate
+from nextword.metrics import evaluate, per_word
 from nextword.modeldir import load_trained
+from nextword.oov import oov_report
+from nextword.text import tokenize
+from nextword.vocab import Vocab
+from nextword.windows import table_word_targets
 
 
 # The engine's parts in the order they are added to the LSTM: (label, the settings still off).
@@ -52,14 +60,16 @@ def engine_parts(model_dir, test: pd.DataFrame, conversations: int) -> str:
 
 
 def main(args, params):
-    model, vocab, _ = load_trained(args.model)
+    model, vocab, config = load_trained(args.model)
+    messages = pd.read_parquet(args.messages)
     metrics = {}
     for split in ("val", "test"):
         windows = np.load(f"{args.windows}/{split}.npy")
         metrics[split] = evaluate(model, windows, vocab, params.evaluate.batch_size)
+        words = table_word_targets(messages[messages["split"] == split], config["speaker_tags"])
+        metrics[split].update(per_word(metrics[split], words))
 
     e = params.evaluate
-    messages = pd.read_parquet(args.messages)
     test = messages[messages["split"] == "test"]
     engine = Engine.load(args.model)
     report = simulate(engine, test, k=engine.options.suggestions, max_conversations=e.ksr_conversations or None)
@@ -72,6 +82,11 @@ def main(args, params):
         "top1": report.top1,
         "top3": report.top3,
     }
+    # The word vocabulary the vocab params give on the train split, whatever the model's tokenizer.
+    train_words = map(tokenize, messages.loc[messages["split"] == "train", "text"])
+    vocabulary = Vocab.build(train_words, params.vocab.min_freq, params.vocab.max_size).index
+    metrics["oov"] = oov_report(engine, test, vocabulary, k=engine.options.suggestions,
+                                max_conversations=e.ksr_conversations or None).to_dict()
     latency = {k: getattr(report, k) for k in ("latency_p50_ms", "latency_p99_ms", "cpu_p50_ms", "cpu_p99_ms",
                                                 "latency_keystrokes")}
     write_json(args.metrics, metrics)
@@ -79,11 +94,15 @@ def main(args, params):
     write_text(args.parts, engine_parts(args.model, test, e.ablation_conversations))
     for split in ("val", "test"):
         m = metrics[split]
-        print(f"lstm {split}: perplexity {m['perplexity']:.2f}, top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}")
+        print(f"lstm {split}: perplexity {m['perplexity']:.2f} per token, {m['word_perplexity']:.2f} per word, "
+              f"top-1 {m['top1']:.3f}, top-3 {m['top3']:.3f}")
     k = metrics["keystrokes"]
     print(f"keystrokes: KSR {k['ksr']:.3f} over {k['words']} words of {k['conversations']} test conversations "
           f"(engine {engine.options.model_dump(exclude={'banned_words'})}), "
           f"latency p50 {latency['latency_p50_ms']:.2f} ms, p99 {latency['latency_p99_ms']:.2f} ms")
+    o = metrics["oov"]
+    print(f"out of the word vocabulary: {o['oov_words']} of {o['words']} test words ({o['oov_rate']:.3f}), "
+          f"{o['completed']} of them completed by the engine ({o['completed_share']:.3f})")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from nextword.errors import NextwordError
 from nextword.files import write_text
 from nextword.model import LanguageModel
 from nextword.modeldir import save_trained
+from nextword.tokenizer import Tokenizer
 from nextword.training import finish_distributed, init_distributed, seed_everything, train
 from nextword.vocab import Vocab
 
@@ -61,6 +62,7 @@ def main(args, params):
         tracking.connect()  # an unreachable store fails here, not after training
     seed_everything(params.seed, params.train.threads)
     vocab = Vocab.load(args.vocab)
+    tokenizer = Tokenizer.load(args.tokenizer)  # copied into the model folder
     windows = {s: np.load(f"{args.windows}/{s}.npy") for s in ("train", "val")}
     for split, key in (("train", "data.split"), ("val", "data.split.val")):
         if len(windows[split]) == 0:
@@ -78,7 +80,7 @@ def main(args, params):
             "speaker_tags": params.window.speaker_tags,
             "window_length": params.window.length,
             "best_epoch": result.best_epoch,
-        })
+        }, tokenizer)
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(result.history[0]))
         writer.writeheader()
@@ -91,4 +93,4 @@ def main(args, params):
 
 
 if __name__ == "__main__":
-    stage.run(main, "vocab", "windows", "model", "checkpoint", "curves", "run", description=__doc__)
+    stage.run(main, "vocab", "tokenizer", "windows", "model", "checkpoint", "curves", "run", description=__doc__)

@@ -6,6 +6,7 @@ import pandas as pd
 from nextword import stage
 from nextword.files import atomic_path
 from nextword.messages import SPLITS
+from nextword.tokenizer import Tokenizer
 from nextword.vocab import Vocab
 from nextword.windows import cut_windows, split_stream
 
@@ -13,15 +14,17 @@ from nextword.windows import cut_windows, split_stream
 def main(args, params):
     df = pd.read_parquet(args.tokens)
     vocab = Vocab.load(args.vocab)
+    tokenizer = Tokenizer.load(args.tokenizer)
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
         for split in SPLITS:
             part = df[df["split"] == split]
-            stream = split_stream(zip(part["speaker"], part["tokens"]), vocab, params.window.speaker_tags)
+            pieces = tokenizer.pieces_of_messages(part["tokens"])
+            stream = split_stream(zip(part["speaker"], pieces), vocab, params.window.speaker_tags)
             windows = cut_windows(stream, params.window.length)
             np.save(tmp / f"{split}.npy", windows)
             print(f"{split}: {len(stream)} tokens, {len(windows)} windows")
 
 
 if __name__ == "__main__":
-    stage.run(main, "tokens", "vocab", "out", description=__doc__)
+    stage.run(main, "tokens", "vocab", "tokenizer", "out", description=__doc__)
