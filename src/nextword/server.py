@@ -4,8 +4,10 @@ Endpoints (all JSON, all requests validated; bad input gets a 4xx whose
 ``error`` names the field):
 
 - ``GET /`` the page (``static/``: plain HTML, JS and CSS; nothing loads from the network).
-- ``POST /api/suggest`` ``{history, speaker, text, k}`` -> the top-k next words, or
+- ``POST /api/suggest`` ``{history, speaker, text, k, right}`` -> the top-k next words, or
   completions of the word being typed: ``{suggestions, partial, start, steps, latency_ms}``.
+  ``text`` is the message up to the cursor; ``right``, the text after it when the cursor is
+  inside the message, makes them fit both sides (the engine's fill-in-the-middle).
 - ``POST /api/complete`` ``{history, speaker, text, strategy, max_words, ...}`` -> ``{completion, line, ...}``.
 - ``POST /api/events`` ``{events: [...]}`` appends accepted / ignored suggestions and keystroke
   latencies to a JSONL file, one line per event, and answers with the stats.
@@ -137,6 +139,8 @@ class SuggestRequest(Typing):
     k: integer(1, 10) | None = Field(None, description="how many (default: the model folder's engine.suggestions)")
     # True from the page: the strip of someone typing letter by letter (see Session.suggest).
     typing: bool = False
+    right: str = Field("", max_length=MAX_TEXT,
+                       description="the message after the cursor, when the cursor is inside it (text is before it)")
 
 
 class CompleteRequest(Typing):
@@ -615,7 +619,8 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
             session = await run_in_threadpool(cache.extend, key, found, length, chained)
         else:
             session = cache.extend(key, found, length, chained)
-        suggestions = session.suggest(partial, request.k or engine.options.suggestions, typing=request.typing)
+        suggestions = session.suggest(partial, request.k or engine.options.suggestions, typing=request.typing,
+                                      right=request.right)
         return json_response({
             "suggestions": [{"word": s.word, "probability": s.probability} for s in suggestions],
             "partial": partial,
