@@ -135,6 +135,10 @@ def test_the_engine_on_onnx_suggests_and_completes_as_on_pytorch(exported_dir):
         assert b.type_text(speaker, text) == partial
         np.testing.assert_allclose(b.log_probs, a.log_probs, rtol=0, atol=1e-5)
         assert [s.word for s in b.suggest(partial, 3)] == [s.word for s in a.suggest(partial, 3)]
+        # Fill-in-the-middle rescores in PyTorch from the ONNX step's state.
+        fim_a, fim_b = a.suggest(partial, 3, right=" today ?"), b.suggest(partial, 3, right=" today ?")
+        assert [s.word for s in fim_b] == [s.word for s in fim_a]
+        assert [s.probability for s in fim_b] == pytest.approx([s.probability for s in fim_a], abs=1e-4)
         for strategy in STRATEGIES:
             expected = a.complete(strategy, max_words=8, seed=1, prefix=partial)
             assert b.complete(strategy, max_words=8, seed=1, prefix=partial) == expected, (strategy, text)
