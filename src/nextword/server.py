@@ -34,7 +34,9 @@ lets go of the GIL and must win it back from the busy event loop, so on a
 worker thread its time is set by those hand-offs, not by its arithmetic.
 Only reading a whole conversation into a cold session (more than
 ``INLINE_STEPS`` tokens) goes to a worker thread, so that it does not stall
-every other keystroke. A session enters the cache once the model has read
+every other keystroke, and so does a suggestion with a ``right`` context: its
+rescoring is one batched pass over every candidate, a few large PyTorch calls
+rather than many short ones. A session enters the cache once the model has read
 it, so a cached one never makes a keystroke wait. The body limit and the
 security headers are a plain ASGI middleware, and answers are serialised
 with orjson, for the same reason: at hundreds of keystrokes a second the
@@ -619,8 +621,11 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
             session = await run_in_threadpool(cache.extend, key, found, length, chained)
         else:
             session = cache.extend(key, found, length, chained)
-        suggestions = session.suggest(partial, request.k or engine.options.suggestions, typing=request.typing,
-                                      right=request.right)
+        k = request.k or engine.options.suggestions
+        if request.right.strip():
+            suggestions = await run_in_threadpool(session.suggest, partial, k, request.typing, None, request.right)
+        else:
+            suggestions = session.suggest(partial, k, typing=request.typing)
         return json_response({
             "suggestions": [{"word": s.word, "probability": s.probability} for s in suggestions],
             "partial": partial,
