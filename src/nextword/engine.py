@@ -449,7 +449,7 @@ class Session:
 
     def suggest(self, prefix: str = "", k: int = 3, typing: bool = False,
                 skip_rejected: bool | None = None, right: str = "") -> list[Suggestion]:
-        """Top-k words that start with ``prefix``, from the current distribution (no model work).
+        """Top-k words that start with ``prefix``, from the current distribution (no model work without ``right``).
 
         A probability is that of the word given what was typed: renormalised
         over the suggestable words (no specials, punctuation or banned words)
