@@ -110,6 +110,17 @@ def continuation_log_probs(model, state, inputs: np.ndarray, targets: np.ndarray
     elif state is not None:
         state = state.expand(-1, batch, -1).contiguous()
     feats, _ = model.features(torch.tensor(inputs, dtype=torch.int64), state)
-    log_probs = model.log_probs(feats)
-    index = torch.tensor(targets, dtype=torch.int64).unsqueeze(-1)
-    return log_probs.gather(-1, index).squeeze(-1).numpy()
+    return target_log_probs(model, feats, torch.tensor(targets, dtype=torch.int64)).numpy()
+
+
+def target_log_probs(model, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's log-probability of each target, for features of any leading shape and targets of that shape.
+
+    The adaptive softmax computes only the clusters the targets fall in, not the whole vocabulary.
+    It is inference only, so it lives here: a change to :mod:`nextword.model` reruns the train stage.
+    """
+    if model.head is None:
+        return model.log_probs(features).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    flat = features.reshape(-1, features.shape[-1])
+    with torch.autocast(flat.device.type, enabled=False):
+        return model.head(flat.float(), targets.reshape(-1)).output.reshape(targets.shape)
