@@ -95,6 +95,26 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+# Fill-in-the-middle: after "i like" the left context favours "green" (two messages to one), and only the
+# word after the gap tells "green" (tea) from "red" (wine).
+FIM_CONVERSATION = [
+    ("user", "i like green tea ."),
+    ("agent", "me too ."),
+    ("user", "i like green tea ."),
+    ("agent", "me too ."),
+    ("user", "i like red wine ."),
+    ("agent", "me too ."),
+]
+
+
+@pytest.fixture(scope="session")
+def fim_model_dir(tmp_path_factory):
+    model, vocab = train_tiny_model(FIM_CONVERSATION)
+    path = tmp_path_factory.mktemp("fim") / "model"
+    save_servable(path, model, vocab, {"speaker_tags": True, "window_length": 8})
+    return path
+
+
 def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float = 10.0, options=PLAIN, ngram=None):
     """An Engine whose next-token distribution never changes: softmax of ``logits`` (and the specials).
 

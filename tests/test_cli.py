@@ -175,3 +175,21 @@ def test_chat_shows_suggestions_and_tab_accepts(tiny_model_dir):
             pass
         os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_suggest_and_evaluate_with_the_text_after_the_cursor(fim_model_dir, tmp_path):
+    from conftest import FIM_CONVERSATION
+
+    first = lambda result: result.stdout.splitlines()[0].split("\t")[0]  # noqa: E731
+    assert first(nextword("suggest", "--model", fim_model_dir, "i like ")) == "green"
+    assert first(nextword("suggest", "--model", fim_model_dir, "i like ", "--right", " wine .")) == "red"
+    path = tmp_path / "fim.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("speaker", "text"), *FIM_CONVERSATION])
+    result = nextword("evaluate", "--model", fim_model_dir, "--csv", path, "--fim", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["messages"] == 3 and report["k"] == 3
+    assert {"top1_left", "top3_left", "top1", "top3", "latency_p50_ms", "latency_p99_ms"} <= report.keys()
+    assert_one_line_error(nextword("evaluate", "--model", fim_model_dir, "--csv", path, "--fim",
+                                   "--fim-messages", "0"), "--fim-messages")

@@ -411,3 +411,64 @@ def test_every_cell_serves_the_engine_with_its_state_carried(cell, tmp_path):
     small.type_text("user", "what do you like to do for f")
     assert [s.word for s in small.suggest(partial)][:1] == ["fun"]
     np.testing.assert_allclose(np.exp(small.log_probs), np.exp(session.log_probs), atol=0.02)
+
+
+# -- fill-in-the-middle ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fim_engine(fim_model_dir):
+    return Engine.load(fim_model_dir, options=PLAIN)
+
+
+def words_of(suggestions):
+    return [s.word for s in suggestions]
+
+
+def test_the_text_after_the_cursor_changes_the_top_suggestion(fim_engine):
+    session = fim_engine.session()
+    session.type_text("user", "i like ")
+    assert session.suggest("", 3)[0].word == "green"  # two "green tea" to one "red wine" on the left
+    assert session.suggest("", 3, right=" tea .")[0].word == "green"
+    with_wine = session.suggest("", 3, right=" wine .")
+    assert with_wine[0].word == "red"
+    assert len(with_wine) == 3 and 0.99 <= sum(s.probability for s in with_wine) <= 1 + 1e-9
+    # A blank right side is no right side: the plain strip.
+    assert session.suggest("", 3, right="   ") == session.suggest("", 3)
+    # Letters right after the cursor belong to the word being typed, which the suggestion replaces.
+    assert words_of(session.suggest("r", 3, right="ed tea")) == ["red"]
+    assert session.suggest("", 3, right="wine")[0].word == "red"  # at a word's start the word after is context
+
+
+def test_fill_in_scores_each_candidate_as_stepping_through_it_would(fim_engine, fixed_engine):
+    """The batched pass equals stepping through candidate and right tokens one by one, n-gram mixed in."""
+    from conftest import FIM_CONVERSATION
+    from nextword.ngram import KneserNey
+    from nextword.windows import split_stream
+
+    stream = split_stream([(s, tokenize(t)) for s, t in FIM_CONVERSATION] * 3, fim_engine.vocab, True)
+    ngram = KneserNey.fit(stream, len(fim_engine.vocab), order=3)
+    engine = Engine(fim_engine.model, fim_engine.vocab, fim_engine.config, set(), ngram,
+                    PLAIN.model_copy(update={"ngram_weight": 0.3}))
+    session = engine.session()
+    session.type_text("user", "i like ")
+    right = engine.right_ids(" wine .", inside_word=False)
+    assert engine.vocab.decode(right) == ["wine", ".", "<EOS>"]  # all of it fits: the message ends there
+    candidates = np.array([engine.vocab.id(w) for w in ("green", "red", "tea")])
+    batched = engine.right_log_probs(session.state, session._history, candidates, right)
+    for candidate, total in zip(candidates, batched):
+        log_probs, state = engine.step(int(candidate), (session.state, session._history))
+        expected = 0.0
+        for token in right:
+            expected += log_probs[token]
+            log_probs, state = engine.step(token, state)
+        assert total == pytest.approx(expected, abs=1e-4)
+
+
+def test_only_the_first_right_tokens_are_read(fim_engine):
+    from nextword.engine import FIM_RIGHT_TOKENS
+
+    long_right = " ".join(["tea"] * (FIM_RIGHT_TOKENS + 3))
+    ids = fim_engine.right_ids(long_right, inside_word=False)
+    assert ids == [fim_engine.vocab.id("tea")] * FIM_RIGHT_TOKENS  # cut short: no <EOS>
+    assert fim_engine.right_ids("ine", inside_word=True) == []

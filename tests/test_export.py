@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import PLAIN, TINY_CONVERSATION, model_config
-from nextword.backends import OnnxStep, TorchStep
+from nextword.backends import OnnxStep, TorchStep, target_log_probs
 from nextword.cli import build_parser, engine_overrides, main
 from nextword.decoding import STRATEGIES
 from nextword.engine import Engine
@@ -137,6 +137,10 @@ def test_the_engine_on_onnx_suggests_and_completes_as_on_pytorch(exported_dir):
         assert b.type_text(speaker, text) == partial
         np.testing.assert_allclose(b.log_probs, a.log_probs, rtol=0, atol=1e-5)
         assert [s.word for s in b.suggest(partial, 3)] == [s.word for s in a.suggest(partial, 3)]
+        # Fill-in-the-middle rescores in PyTorch from the ONNX step's state.
+        fim_a, fim_b = a.suggest(partial, 3, right=" today ?"), b.suggest(partial, 3, right=" today ?")
+        assert [s.word for s in fim_b] == [s.word for s in fim_a]
+        assert [s.probability for s in fim_b] == pytest.approx([s.probability for s in fim_a], abs=1e-4)
         for strategy in STRATEGIES:
             expected = a.complete(strategy, max_words=8, seed=1, prefix=partial)
             assert b.complete(strategy, max_words=8, seed=1, prefix=partial) == expected, (strategy, text)
@@ -240,3 +244,14 @@ def test_the_bundle_stage_exports_the_step_when_the_backend_is_onnx(tiny_model_d
     session = served.session()
     session.type_text("user", "good morning , how are ")
     assert session.suggest("")[0].word == "you"
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_target_log_probs_are_the_targets_entries_of_the_distribution(adaptive):
+    torch.manual_seed(0)
+    model = LanguageModel(model_config(40, embedding=8, hidden=16, layers=2, adaptive_softmax=adaptive,
+                                       cutoffs=[10, 20])).eval()
+    features, _ = model.features(torch.randint(1, 40, (3, 5)))
+    targets = torch.tensor([[1, 15, 35, 2, 39]] * 3)  # the head and both tail clusters
+    expected = model.log_probs(features).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(target_log_probs(model, features, targets), expected)

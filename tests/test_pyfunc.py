@@ -82,6 +82,24 @@ def test_logged_model_loads_and_predicts_without_pickles(logged_run):
     assert "weights.pt" in files and not [f for f in files if f.endswith((".pkl", ".pickle"))]
 
 
+def test_the_logged_model_takes_the_text_after_the_cursor(logged_run):
+    from nextword.engine import Engine
+
+    _, run_id = logged_run
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/suggester")
+    query = pd.DataFrame({"text": ["i am ", "what do you like to "], "right": [" , thank you", None]})
+    rows = model.predict(query).to_dict("records")
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/suggester"))
+    engine = Engine.load(next(local.rglob("engine.json")).parent)
+    for row, (text, right) in zip(rows, [("i am ", " , thank you"), ("what do you like to ", "")]):
+        session = engine.session()
+        session.type_text("user", text)
+        expected = session.suggest("", 3, right=right)
+        assert row["suggestions"] == [s.word for s in expected]
+        assert row["probabilities"] == pytest.approx([s.probability for s in expected])
+    assert rows[0]["suggestions"][0] == "fine"
+
+
 def test_mlflow_models_serve_answers_over_http(logged_run, tmp_path):
     uri, run_id = logged_run
     with socket.socket() as s:

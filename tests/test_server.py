@@ -139,6 +139,23 @@ def test_the_session_cache_resumes_from_the_longest_cached_prefix_and_forgets_th
     assert cache.session(sent)[1] == 0
 
 
+def test_the_text_after_the_cursor_makes_the_suggestions_fit_both_sides(fim_model_dir, tmp_path):
+    engine = Engine.load(fim_model_dir, options=PLAIN)
+    with background_server(create_app(fim_model_dir, log_path=tmp_path / "log.jsonl", options=PLAIN)) as url:
+        server = (url, None)
+        assert words(suggest(server, "i like "))[0] == "green"
+        body = suggest(server, "i like ", right=" wine .")
+        assert words(body)[0] == "red" and body["steps"] == 0  # the left context's session, rescored
+        session = engine.session()
+        session.type_text("user", "i like ")
+        expected = session.suggest("", 3, right=" wine .")
+        assert words(body) == [s.word for s in expected]
+        assert [s["probability"] for s in body["suggestions"]] == pytest.approx([s.probability for s in expected],
+                                                                                rel=1e-4)
+        assert words(suggest(server, "i like r", right="ed tea")) == ["red"]  # "ed" is the word's own rest
+        assert words(suggest(server, "i like ", right="")) == words(suggest(server, "i like "))
+
+
 def test_complete_extends_the_line(server):
     url, _ = server
     status, body, _ = request(f"{url}/api/complete", {"speaker": "user", "text": "good morning , how are y"})
@@ -196,6 +213,10 @@ def test_events_are_appended_to_the_log_and_summarised(server, tmp_path):
     ("suggest", {"speaker": "user", "text": "hi", "k": True}, "k"),  # no coercion: the schema says integer
     ("suggest", {"speaker": "user", "text": "hi", "k": "3"}, "k"),
     ("suggest", {"speaker": "user", "text": "hi", "typing": 1}, "typing"),
+    ("suggest", {"speaker": "user", "text": "hi", "right": 5}, "right"),
+    ("suggest", {"speaker": "user", "text": "hi", "right": None}, "right"),
+    ("suggest", {"speaker": "user", "text": "hi", "right": ["there"]}, "right"),
+    ("suggest", {"speaker": "user", "text": "hi", "right": "x" * 2001}, "right"),
     ("complete", {"speaker": "user", "text": "hi", "strategy": "random"}, "strategy"),
     ("complete", {"speaker": "user", "text": "hi", "max_words": 0}, "max_words"),
     ("complete", {"speaker": "user", "text": "hi", "temperature": 0}, "temperature"),

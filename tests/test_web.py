@@ -105,3 +105,26 @@ def test_line_completion_and_errors_show_on_the_page(page):
     page.evaluate("document.getElementById('text').removeAttribute('maxlength')")
     box.fill("x" * 2001)
     expect(page.get_by_test_id("error")).to_contain_text("text")
+
+
+def test_with_the_cursor_inside_the_message_the_text_after_it_is_sent(browser, fim_model_dir, tmp_path):
+    with background_server(create_app(fim_model_dir, log_path=tmp_path / "keystrokes.jsonl")) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(5000)
+        page.goto(url)
+        box = page.get_by_test_id("compose")
+        box.press_sequentially("i like ", delay=15)
+        expect(page.get_by_test_id("suggestion").first).to_have_attribute("data-word", "green")
+        box.press_sequentially("wine .", delay=15)
+        for _ in "wine .":
+            box.press("ArrowLeft")  # back to the gap: "i like |wine ."
+        with page.expect_request(lambda r: r.url.endswith("/api/suggest")
+                                 and (r.post_data_json or {}).get("right") == "wine ."):
+            box.press("ArrowRight")
+            box.press("ArrowLeft")
+        expect(page.get_by_test_id("suggestion").first).to_have_attribute("data-word", "red")
+        box.press("Tab")
+        expect(box).to_have_value("i like red wine .")
+        assert box.evaluate("el => el.selectionStart") == len("i like red ")
+        context.close()

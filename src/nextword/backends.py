@@ -12,6 +12,11 @@ step with the state as explicit inputs and outputs, since ONNX Runtime keeps
 nothing between calls: inputs ``ids`` ([1, steps] int64), ``h`` and, for an
 LSTM, ``c`` ([layers, 1, hidden] each); outputs ``log_probs`` ([1, vocabulary],
 the last position only) and the new ``h_out`` and ``c_out``.
+
+Scoring several continuations from one state (:func:`continuation_log_probs`,
+the engine's fill-in-the-middle) always runs in PyTorch: the exported graph
+is a batch of one that gives the last position's log-probabilities only. An
+ONNX state converts to PyTorch's with :func:`torch_state`.
 """
 
 from __future__ import annotations
@@ -95,3 +100,40 @@ class OnnxStep:
         feeds["ids"] = np.array([token_ids], dtype=np.int64)
         log_probs, *state = self.session.run(None, feeds)
         return log_probs[0], tuple(state)
+
+
+def torch_state(state):
+    """A backend's state as the PyTorch model takes it: ONNX's numpy arrays become tensors."""
+    if state is None or isinstance(state, torch.Tensor):
+        return state
+    parts = tuple(torch.as_tensor(part) for part in state)
+    return parts if len(parts) == 2 else parts[0]
+
+
+@torch.no_grad()
+def continuation_log_probs(model, state, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``[B, T]``: log P(``targets[b, t]`` | the context of ``state``, ``inputs[b, : t + 1]``).
+
+    The ``B`` continuations all start from the one ``state`` (after the context) and run as one batch.
+    """
+    state = torch_state(state)
+    batch = len(inputs)
+    if isinstance(state, tuple):
+        state = tuple(part.expand(-1, batch, -1).contiguous() for part in state)
+    elif state is not None:
+        state = state.expand(-1, batch, -1).contiguous()
+    feats, _ = model.features(torch.tensor(inputs, dtype=torch.int64), state)
+    return target_log_probs(model, feats, torch.tensor(targets, dtype=torch.int64)).numpy()
+
+
+def target_log_probs(model, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's log-probability of each target, for features of any leading shape and targets of that shape.
+
+    The adaptive softmax computes only the clusters the targets fall in, not the whole vocabulary.
+    It is inference only, so it lives here: a change to :mod:`nextword.model` reruns the train stage.
+    """
+    if model.head is None:
+        return model.log_probs(features).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    flat = features.reshape(-1, features.shape[-1])
+    with torch.autocast(flat.device.type, enabled=False):
+        return model.head(flat.float(), targets.reshape(-1)).output.reshape(targets.shape)

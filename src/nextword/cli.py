@@ -88,11 +88,14 @@ def load_engine(args):
 
 
 def cmd_suggest(args) -> None:
-    """Print the top-k next words (or completions of the partial last word), one per line with its probability."""
+    """Print the top-k next words (or completions of the partial last word), one per line with its probability.
+
+    With --right, the cursor is inside the message: TEXT is before it, --right after it, and the words
+    from TEXT are rescored with the text after the cursor (fill-in-the-middle)."""
     engine = load_engine(args)
     session = engine.session()
     partial = session.type_text(args.speaker, args.text)
-    for suggestion in session.suggest(partial, engine.options.suggestions):
+    for suggestion in session.suggest(partial, engine.options.suggestions, right=args.right):
         print(f"{suggestion.word}\t{suggestion.probability:.4f}")
 
 
@@ -112,7 +115,8 @@ def cmd_complete(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    """Perplexity, next-word accuracy, keystroke savings and latency on every message of a CSV."""
+    """Perplexity, next-word accuracy, keystroke savings and latency on every message of a CSV;
+    with --fim, fill-in-the-middle accuracy and latency instead."""
     from nextword.messages import prepare, read_csv_messages
 
     table = read_csv_messages(args.csv)
@@ -135,8 +139,11 @@ def cmd_evaluate(args) -> None:
     from nextword.windows import cut_windows, split_stream, word_targets
 
     conversations = conversations_from_table(messages)[: args.max_conversations]
-    threads = args.threads or torch.get_num_threads()
     engine = load_engine(args)
+    if args.fim:
+        report_fim(args, engine, conversations)
+        return
+    threads = args.threads or torch.get_num_threads()
 
     # Perplexity as the evaluate stage computes it, on the messages' stream cut into windows.
     messages = [(speaker, tokenize(text)) for conversation in conversations for speaker, text in conversation]
@@ -174,6 +181,27 @@ def cmd_evaluate(args) -> None:
     print(f"latency         p50 {keys.latency_p50_ms:.3f} ms, p99 {keys.latency_p99_ms:.3f} ms per keystroke "
           f"({keys.latency_keystrokes} keystrokes, one thread; CPU time p50 {keys.cpu_p50_ms:.3f}, "
           f"p99 {keys.cpu_p99_ms:.3f} ms)")
+
+
+def report_fim(args, engine, conversations) -> None:
+    """Print the fill-in-the-middle figures (:mod:`nextword.fim`) of ``engine`` on ``conversations``."""
+    import torch
+
+    from nextword.fim import evaluate_fim
+
+    torch.set_num_threads(1)  # latency is measured on one thread
+    k = engine.options.suggestions
+    report = evaluate_fim(engine, conversations, args.fim_messages, k=k)
+    if args.json:
+        print(json.dumps({"csv": str(args.csv), "model": str(args.model), "k": k, **report.to_dict()}, indent=2))
+        return
+    print(f"{args.csv}: {report.messages} messages, one middle word removed from each "
+          f"({report.oov} outside the vocabulary)")
+    print(f"left context    top-1 {report.top1_left:.3f}, top-{k} {report.top3_left:.3f}")
+    print(f"with the right  top-1 {report.top1:.3f}, top-{k} {report.top3:.3f} "
+          f"({report.candidates} candidates rescored with up to {report.right_tokens} tokens on the right)")
+    print(f"latency         p50 {report.latency_p50_ms:.3f} ms, p99 {report.latency_p99_ms:.3f} ms per suggestion "
+          f"with the right context (one thread; CPU time p50 {report.cpu_p50_ms:.3f}, p99 {report.cpu_p99_ms:.3f} ms)")
 
 
 def cmd_chat(args) -> None:
@@ -374,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("text", metavar="TEXT",
                    help="the message typed so far; without a trailing space its last word is completed")
+    p.add_argument("--right", default="", metavar="TEXT",
+                   help="the text after the cursor, when it is inside the message: suggestions fit both sides")
     p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser("complete", help="complete the line TEXT", description=cmd_complete.__doc__)
@@ -396,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-conversations", type=positive_int, help="only the first N conversations")
     p.add_argument("--threads", type=non_negative_int, default=0, help="threads for perplexity (0: default)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--fim", action="store_true",
+                   help="instead: fill-in-the-middle, restoring a word removed from the middle of messages, "
+                        "with and without the text on its right")
+    p.add_argument("--fim-messages", type=positive_int, default=2000, metavar="N",
+                   help="with --fim, test the first N messages that have a middle word (default 2000)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("chat", help="type a conversation with suggestions; Tab accepts", description=cmd_chat.__doc__)

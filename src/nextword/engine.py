@@ -27,6 +27,23 @@ holds the weights; the README gives the keystroke savings of each part):
 And while a word is typed, a word the strip already showed for it at a
 shorter prefix is not shown again (``skip_rejected``): the person saw it and
 typed on, so it is not the word, and its slot goes to the next candidate.
+
+Fill-in-the-middle: with the cursor inside a message, ``suggest(right=...)``
+takes the text after the cursor into account. The ``FIM_CANDIDATES`` best
+words from the left context (the distribution above, prefix included) are
+rescored with the right context: each is followed by the first
+``FIM_RIGHT_TOKENS`` tokens of the right text (then ``<EOS>`` when the whole
+of it fits: the message ends there), all candidates in one batched LSTM pass
+from the carried state, and ranked by
+``log P(word | left) + log P(right | left, word)``, the right tokens' log-probs
+being the LSTM's mixed with the n-gram as in :meth:`Engine.step` (not the
+cache, which describes the conversation). The forward model is asked for the
+right context rather than a bidirectional encoder because it is the model the
+engine already carries: the left state is already computed, the rescoring is
+one batched pass of a few steps, every model folder and the whole pipeline
+(training, n-gram, ONNX export) stay as they are, and a second model trained
+and shipped for the cursor-in-the-middle case is left for when ``nextword
+evaluate --fim`` shows the rescoring falls short.
 """
 
 from __future__ import annotations
@@ -41,7 +58,7 @@ import numpy as np
 import torch
 
 from nextword import decoding
-from nextword.backends import OnnxStep, TorchStep
+from nextword.backends import OnnxStep, TorchStep, continuation_log_probs
 from nextword.config import EngineParams
 from nextword.errors import NextwordError
 from nextword.modeldir import load_servable, onnx_file, read_banned_words
@@ -50,6 +67,12 @@ from nextword.text import PUNCTUATION, is_word, tokenize
 from nextword.tokenizer import WORD
 from nextword.vocab import EOS, SPEAKER_TAG
 from nextword.windows import MESSAGE_END, message_head
+
+# Fill-in-the-middle (suggest with ``right``): how many of the left context's best words are rescored with
+# the text after the cursor, and how many of its tokens they are scored against. The words right after the
+# gap say the most about it; each further token costs a step of the batched pass for every candidate.
+FIM_CANDIDATES = 32
+FIM_RIGHT_TOKENS = 4
 
 
 def quantize_int8(model):
@@ -195,6 +218,45 @@ class Engine:
     def extend_history(self, history: tuple[int, ...], ids) -> tuple[int, ...]:
         """``history`` followed by ``ids``, cut to the last ids the n-gram reads (none without one)."""
         return (history + tuple(ids))[-self.history:] if self.history else ()
+
+    def right_ids(self, right: str, inside_word: bool) -> list[int]:
+        """The ids the candidates are scored against: the right text's first ``FIM_RIGHT_TOKENS`` tokens,
+        then ``<EOS>`` when they are all of it.
+
+        With the cursor ``inside_word`` (letters typed before it), the letters
+        right after it belong to that word, which is being retyped: they are
+        left out, as the suggestion replaces them.
+        """
+        if inside_word:
+            end = 0
+            while end < len(right) and (right[end].isalnum() or right[end] == "'"):
+                end += 1
+            right = right[end:]
+        tokens = tokenize(right)
+        if not tokens:
+            return []
+        ids = self.vocab.encode(tokens[:FIM_RIGHT_TOKENS])
+        if len(tokens) <= FIM_RIGHT_TOKENS:
+            ids.append(self.vocab.id(EOS))
+        return ids
+
+    def right_log_probs(self, state, history: tuple[int, ...], candidates: np.ndarray,
+                        right: list[int]) -> np.ndarray:
+        """log P(``right`` | the context, candidate) for each candidate id: one batched pass from ``state``.
+
+        The model's log-probs of each right token are mixed with the n-gram's after the ids before it.
+        """
+        inputs = np.array([[c, *right[:-1]] for c in candidates], dtype=np.int64)
+        targets = np.broadcast_to(np.array(right, dtype=np.int64), inputs.shape)
+        log_probs = continuation_log_probs(self.model, state, inputs, targets)
+        if self.ngram is not None:
+            a = self.options.ngram_weight
+            histories = [self.extend_history(history, row[: t + 1]) for row in inputs.tolist()
+                         for t in range(len(right))]
+            ngram = self.ngram.next_probs(histories, dtype=np.float64)
+            ngram = ngram[np.arange(len(histories)), targets.reshape(-1)].reshape(targets.shape)
+            log_probs = np.log((1 - a) * np.exp(log_probs.astype(np.float64)) + a * ngram)
+        return log_probs.sum(axis=1)
 
     def session(self) -> "Session":
         return Session(self)
@@ -400,8 +462,8 @@ class Session:
         return dist
 
     def suggest(self, prefix: str = "", k: int = 3, typing: bool = False,
-                skip_rejected: bool | None = None) -> list[Suggestion]:
-        """Top-k words that start with ``prefix``, from the current distribution (no model work).
+                skip_rejected: bool | None = None, right: str = "") -> list[Suggestion]:
+        """Top-k words that start with ``prefix``, from the current distribution (no model work without ``right``).
 
         A probability is that of the word given what was typed: renormalised
         over the suggestable words (no specials, punctuation or banned words)
@@ -416,9 +478,19 @@ class Session:
         per position. Without ``typing`` (a one-off query: the CLI's
         ``suggest``, the MLflow model) nothing is left out. ``skip_rejected``
         overrides the engine's setting (the keystroke simulation scores both).
+
+        ``right`` is the text after the cursor, when it is inside the message
+        (fill-in-the-middle, see the module's docstring): the best words from
+        the left are rescored with it, one batched model pass, and a
+        probability is then that of the word among those rescored, given both
+        sides. Nothing is left out for ``typing`` then: each strip is worked
+        out afresh. Without right-hand tokens (an empty or blank ``right``) it is the plain strip.
         """
         dist = self._distribution()
         prefix = prefix.lower()
+        right_ids = self.engine.right_ids(right, inside_word=bool(prefix)) if right else []
+        if right_ids:
+            return self._fill_in(dist, prefix, k, right_ids)
         skip = self.engine.options.skip_rejected if skip_rejected is None else skip_rejected
         if not (typing and skip):
             return self._top(dist, prefix, k, frozenset())
@@ -430,6 +502,20 @@ class Session:
                 shown = dist.shown[key] = self._top(dist, key[0], k, rejected)
             rejected.update(s.word for s in shown)
         return shown
+
+    def _fill_in(self, dist: _Distribution, prefix: str, k: int, right_ids: list[int]) -> list[Suggestion]:
+        """The top k of the left context's best ``FIM_CANDIDATES`` words rescored with ``right_ids``."""
+        engine = self.engine
+        candidates = self._top(dist, prefix, max(k, FIM_CANDIDATES), frozenset())
+        if not candidates:
+            return []
+        ids = np.array([engine.vocab.id(s.word) for s in candidates], dtype=np.int64)
+        left = np.log(np.maximum([s.probability for s in candidates], np.finfo(np.float64).tiny))
+        scores = left + engine.right_log_probs(self.state, self._history, ids, right_ids)
+        order = np.lexsort((ids, -scores))[:k]  # ties to the more frequent word, as in _top
+        posterior = np.exp(scores - scores.max())
+        posterior /= posterior.sum()
+        return [Suggestion(candidates[i].word, float(posterior[i])) for i in order]
 
     def _top(self, dist: _Distribution, prefix: str, k: int, rejected) -> list[Suggestion]:
         engine = self.engine

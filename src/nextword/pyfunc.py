@@ -2,8 +2,9 @@
 
 Input: a DataFrame with a ``text`` column (the message typed so far; without a
 trailing space its last word is completed), an optional ``speaker`` column
-(``user`` or ``agent``, default ``user``) and an optional ``k`` column
-(default 3). Output: one row per input row with ``suggestions`` (words, most
+(``user`` or ``agent``, default ``user``), an optional ``k`` column
+(default 3) and an optional ``right`` column (the text after the cursor when
+it is inside the message: the suggestions then fit both sides). Output: one row per input row with ``suggestions`` (words, most
 probable first) and ``probabilities``.
 
 The servable model folder (weights as a state dict, vocabulary and config as
@@ -33,6 +34,7 @@ SIGNATURE = ModelSignature(
         ColSpec(DataType.string, "text"),
         ColSpec(DataType.string, "speaker", required=False),
         ColSpec(DataType.long, "k", required=False),
+        ColSpec(DataType.string, "right", required=False),
     ]),
     outputs=Schema([
         ColSpec(Array(DataType.string), "suggestions"),
@@ -52,9 +54,11 @@ class Suggester(mlflow.pyfunc.PythonModel):
         for row in model_input.to_dict("records"):
             speaker = row.get("speaker")
             k = row.get("k")
+            right = row.get("right")
             session = self.engine.session()
             partial = session.type_text(speaker if isinstance(speaker, str) and speaker else "user", str(row["text"]))
-            suggestions = session.suggest(partial, int(k) if k is not None and not pd.isna(k) else DEFAULT_K)
+            suggestions = session.suggest(partial, int(k) if k is not None and not pd.isna(k) else DEFAULT_K,
+                                          right=right if isinstance(right, str) else "")
             rows.append({"suggestions": [s.word for s in suggestions],
                          "probabilities": [s.probability for s in suggestions]})
         return pd.DataFrame(rows, columns=["suggestions", "probabilities"])

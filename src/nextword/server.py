@@ -4,8 +4,10 @@ Endpoints (all JSON, all requests validated; bad input gets a 4xx whose
 ``error`` names the field):
 
 - ``GET /`` the page (``static/``: plain HTML, JS and CSS; nothing loads from the network).
-- ``POST /api/suggest`` ``{history, speaker, text, k}`` -> the top-k next words, or
+- ``POST /api/suggest`` ``{history, speaker, text, k, right}`` -> the top-k next words, or
   completions of the word being typed: ``{suggestions, partial, start, steps, latency_ms}``.
+  ``text`` is the message up to the cursor; ``right``, the text after it when the cursor is
+  inside the message, makes them fit both sides (the engine's fill-in-the-middle).
 - ``POST /api/complete`` ``{history, speaker, text, strategy, max_words, ...}`` -> ``{completion, line, ...}``.
 - ``POST /api/events`` ``{events: [...]}`` appends accepted / ignored suggestions and keystroke
   latencies to a JSONL file, one line per event, and answers with the stats.
@@ -32,7 +34,9 @@ lets go of the GIL and must win it back from the busy event loop, so on a
 worker thread its time is set by those hand-offs, not by its arithmetic.
 Only reading a whole conversation into a cold session (more than
 ``INLINE_STEPS`` tokens) goes to a worker thread, so that it does not stall
-every other keystroke. A session enters the cache once the model has read
+every other keystroke, and so does a suggestion with a ``right`` context: its
+rescoring is one batched pass over every candidate, a few large PyTorch calls
+rather than many short ones. A session enters the cache once the model has read
 it, so a cached one never makes a keystroke wait. The body limit and the
 security headers are a plain ASGI middleware, and answers are serialised
 with orjson, for the same reason: at hundreds of keystrokes a second the
@@ -144,6 +148,8 @@ class SuggestRequest(Typing):
     k: integer(1, 10) | None = Field(None, description="how many (default: the model folder's engine.suggestions)")
     # True from the page: the strip of someone typing letter by letter (see Session.suggest).
     typing: bool = False
+    right: str = Field("", max_length=MAX_TEXT,
+                       description="the message after the cursor, when the cursor is inside it (text is before it)")
 
 
 class CompleteRequest(Typing):
@@ -651,7 +657,11 @@ def create_app(model_dir: str | Path, banned_words: str | Path | None = None,
             session = await run_in_threadpool(cache.extend, key, found, length, chained)
         else:
             session = cache.extend(key, found, length, chained)
-        suggestions = session.suggest(partial, request.k or engine.options.suggestions, typing=request.typing)
+        k = request.k or engine.options.suggestions
+        if request.right.strip():
+            suggestions = await run_in_threadpool(session.suggest, partial, k, request.typing, None, request.right)
+        else:
+            suggestions = session.suggest(partial, k, typing=request.typing)
         return json_response({
             "suggestions": [{"word": s.word, "probability": s.probability} for s in suggestions],
             "partial": partial,

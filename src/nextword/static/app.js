@@ -16,7 +16,8 @@ const ui = {
 const conversation = []; // earlier messages: {speaker, text}
 let latest = 0;          // id of the newest suggest request; older answers are dropped
 let shown = [];          // the words on the chips now
-let previousText = "";
+let previousText = "";  // the text before the cursor at the last input
+let asked = null;        // the value and cursor the strip was last asked for
 let word = freshWord(0); // the word being typed: where it starts, whether suggestions were shown for it
 let pending = [];        // events not yet posted
 let flushTimer = null;
@@ -32,6 +33,19 @@ function partialStart(chars) {
   while (start > 0 && /[\p{L}\p{N}']/u.test(chars[start - 1])) start--;
   while (start < chars.length && chars[start] === "'") start++;
   return start;
+}
+
+// The message split at the cursor: before it (what is being typed) and after it (the right context).
+function atCursor() {
+  const value = ui.text.value;
+  const end = ui.text.selectionEnd ?? value.length;
+  return { before: value.slice(0, ui.text.selectionStart ?? value.length), right: value.slice(end) };
+}
+
+// Letters right after the cursor inside a word belong to the word being typed (the server's rule too).
+function wordRest(right) {
+  const match = /^[\p{L}\p{N}']*/u.exec(right);
+  return match[0].length;
 }
 
 function partialOf(text) {
@@ -50,7 +64,7 @@ async function api(path, body) {
 }
 
 function typing() {
-  return { history: conversation.slice(-MAX_HISTORY), speaker: ui.speaker.value, text: ui.text.value };
+  return { history: conversation.slice(-MAX_HISTORY), speaker: ui.speaker.value, text: atCursor().before };
 }
 
 function showError(message) {
@@ -63,8 +77,10 @@ function showError(message) {
 async function refresh(measured = true) {
   const id = ++latest;
   const started = performance.now();
+  asked = `${ui.text.selectionStart}:${ui.text.selectionEnd}:${ui.text.value}`;
   try {
-    const data = await api("/api/suggest", { ...typing(), k: K, typing: true });
+    // With the cursor inside the message, the text after it makes the suggestions fit both sides.
+    const data = await api("/api/suggest", { ...typing(), right: atCursor().right, k: K, typing: true });
     if (id !== latest) return;
     render(data.suggestions);
     const latency = performance.now() - started;
@@ -108,10 +124,13 @@ function render(suggestions) {
 function accept(rank, via) {
   const chosen = shown[rank - 1];
   if (!chosen) return;
-  const chars = Array.from(ui.text.value);
+  const { before, right } = atCursor();
+  const chars = Array.from(before);
   const start = partialStart(chars);
-  const text = chars.slice(0, start).join("") + chosen + " ";
-  ui.text.value = text;
+  // The suggestion replaces the word at the cursor, the letters after the cursor included.
+  const after = start < chars.length ? right.slice(wordRest(right)) : right;
+  const text = chars.slice(0, start).join("") + chosen + (/^\s/.test(after) ? after.slice(0, 1) : " ");
+  ui.text.value = text + after.replace(/^\s/, "");
   ui.text.focus();
   ui.text.setSelectionRange(text.length, text.length);
   record({ type: "accepted", word: chosen, rank, via, typed: chars.length - start }, true);
@@ -128,7 +147,7 @@ function finishWord(typed) {
 }
 
 function onInput() {
-  const text = ui.text.value;
+  const text = atCursor().before;
   const chars = Array.from(text);
   const start = partialStart(chars);
   if (start !== word.start) {
@@ -167,11 +186,13 @@ function send(event) {
 
 async function completeLine() {
   try {
+    const { right } = atCursor();
     const data = await api("/api/complete", { ...typing(), strategy: ui.strategy.value, max_words: 20 });
-    ui.text.value = data.line;
+    ui.text.value = data.line + right;
     previousText = data.line;
     word = freshWord(partialStart(Array.from(data.line)));
     ui.text.focus();
+    ui.text.setSelectionRange(data.line.length, data.line.length);
     refresh();
   } catch (err) {
     showError(err.message);
@@ -211,6 +232,15 @@ function showStats(stats) {
 // ---------------------------------------------------------------- wiring
 
 ui.text.addEventListener("input", onInput);
+// The cursor moved without typing (arrows, a click): the strip is asked again for the new place.
+document.addEventListener("selectionchange", () => {
+  if (document.activeElement !== ui.text) return;
+  if (asked !== `${ui.text.selectionStart}:${ui.text.selectionEnd}:${ui.text.value}`) {
+    previousText = atCursor().before;
+    word = freshWord(partialStart(Array.from(previousText)));
+    refresh(false);
+  }
+});
 ui.text.addEventListener("keydown", (event) => {
   if (event.key === "Tab" && !event.shiftKey && !event.altKey && !event.ctrlKey && shown.length) {
     event.preventDefault();
