@@ -404,6 +404,17 @@ def test_every_cell_serves_the_engine_with_its_state_carried(cell, tmp_path):
     np.testing.assert_allclose(session.log_probs, expected[-1], rtol=0, atol=1e-4)
     assert [s.word for s in session.suggest(partial)][:1] == ["fun"]
     assert session.complete("beam", max_words=4) == session.complete("beam", max_words=4)
+    # fill-in-the-middle batches its candidates from the carried state: each as stepping through it gives
+    right = engine.right_ids(" ?", inside_word=False)
+    candidates = np.array([engine.vocab.id(w) for w in ("fun", "work")])
+    batched = engine.right_log_probs(session.state, session._history, candidates, right)
+    for candidate, total in zip(candidates, batched):
+        log_probs, state = engine.step(int(candidate), (session.state, session._history))
+        expected = 0.0
+        for token in right:
+            expected += log_probs[token]
+            log_probs, state = engine.step(token, state)
+        assert total == pytest.approx(expected, abs=1e-4)
     quantized = Engine.load(folder, options=PLAIN.model_copy(update={"int8": True}))
     small = quantized.session()
     for speaker, text in HISTORY:

@@ -104,8 +104,8 @@ class OnnxStep:
 
 def torch_state(state):
     """A backend's state as the PyTorch model takes it: ONNX's numpy arrays become tensors."""
-    if state is None or isinstance(state, torch.Tensor):
-        return state
+    if state is None or isinstance(state, torch.Tensor) or isinstance(state[0], torch.Tensor):
+        return state  # PyTorch's own: a tensor, an LSTM's pair, a transformer's KV cache
     parts = tuple(torch.as_tensor(part) for part in state)
     return parts if len(parts) == 2 else parts[0]
 
@@ -116,12 +116,7 @@ def continuation_log_probs(model, state, inputs: np.ndarray, targets: np.ndarray
 
     The ``B`` continuations all start from the one ``state`` (after the context) and run as one batch.
     """
-    state = torch_state(state)
-    batch = len(inputs)
-    if isinstance(state, tuple):
-        state = tuple(part.expand(-1, batch, -1).contiguous() for part in state)
-    elif state is not None:
-        state = state.expand(-1, batch, -1).contiguous()
+    state = model.stack_states([torch_state(state)] * len(inputs))
     feats, _ = model.features(torch.tensor(inputs, dtype=torch.int64), state)
     return target_log_probs(model, feats, torch.tensor(targets, dtype=torch.int64)).numpy()
 
