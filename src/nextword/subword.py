@@ -176,6 +176,17 @@ class SubwordSession(Session):
         self._nodes: dict = {}
         self._found: dict = {}
 
+    def suggest(self, prefix: str = "", k: int = 3, typing: bool = False,
+                skip_rejected: bool | None = None, right: str = "") -> list[Suggestion]:
+        """The word session's strip, from the left context only: ``right`` is not read.
+
+        Fill-in-the-middle rescores whole-word candidates token by token, which
+        the search over pieces does not do yet; the text after the cursor is
+        ignored rather than refused, so the page and the API keep working
+        while someone edits inside a message.
+        """
+        return super().suggest(prefix, k, typing, skip_rejected)
+
     def feed(self, token: str) -> None:
         engine = self.engine
         self._pending.extend(engine.ids(token))
