@@ -7,6 +7,14 @@ of the token after the last of them (a numpy vector over the vocabulary) and
 the new state. The engine keeps the state and hands it back; it never looks
 inside, so each backend carries its own kind.
 
+A backend whose ``batch_invariant`` is true also has ``run_batch``: the
+steps of many streams in one batched call, each row exactly the numbers
+``run`` gives that stream alone (the keystroke simulation relies on it). The
+PyTorch step with the engine's int8 weights is (:mod:`nextword.quantize`);
+float32 products, in PyTorch or ONNX Runtime, are summed in an order that
+depends on the batch, and ONNX Runtime's int8 quantizes the activations of a
+whole batch with one scale, so the ONNX step runs one stream at a time.
+
 The ONNX graph (:func:`nextword.export.export_onnx` writes it) is one such
 step with the state as explicit inputs and outputs, since ONNX Runtime keeps
 nothing between calls: inputs ``ids`` ([1, steps] int64), ``h`` and, for an
@@ -23,6 +31,7 @@ import torch
 
 from nextword.config import ModelConfig
 from nextword.errors import NextwordError, damaged
+from nextword.quantize import batch_invariant, one_thread
 
 
 def state_names(config: ModelConfig) -> list[str]:
@@ -43,12 +52,38 @@ class TorchStep:
 
     def __init__(self, model):
         self.model = model
+        self.batch_invariant = batch_invariant(model)
 
     @torch.no_grad()
     def run(self, token_ids: list[int], state):
         # The output layer, the largest part of a step, runs only for the last token.
         feats, state = self.model.features(torch.tensor([token_ids]), state)
         return self.model.log_probs(feats[:, -1])[0].numpy(), state
+
+    @torch.no_grad()
+    def run_batch(self, token_ids: list[list[int]], states: list) -> tuple[np.ndarray, list]:
+        """:meth:`run` for many streams: ``[streams, vocabulary]`` log-probs and each stream's new state.
+
+        The streams whose steps have the same number of ids run together, the output layer once for all.
+        """
+        if not self.batch_invariant:
+            raise NextwordError("this model's step depends on its batch; run the streams one at a time")
+        by_length: dict[int, list[int]] = {}
+        for row, ids in enumerate(token_ids):
+            by_length.setdefault(len(ids), []).append(row)
+        lstm = self.model.config.cell == "lstm"
+        zero = self.model.init_state(1)
+        last, new_states = [None] * len(token_ids), [None] * len(token_ids)
+        with one_thread():
+            for length, rows in by_length.items():
+                state = [zero if states[row] is None else states[row] for row in rows]
+                state = (torch.cat([h for h, _ in state], 1), torch.cat([c for _, c in state], 1)) if lstm \
+                    else torch.cat(state, 1)
+                feats, state = self.model.features(torch.tensor([token_ids[row] for row in rows]), state)
+                for i, row in enumerate(rows):
+                    last[row] = feats[i, -1]
+                    new_states[row] = (state[0][:, i:i + 1], state[1][:, i:i + 1]) if lstm else state[:, i:i + 1]
+            return self.model.log_probs(torch.stack(last)).numpy(), new_states
 
 
 class OnnxStep:
@@ -74,6 +109,7 @@ class OnnxStep:
         if inputs != input_names(config) or vocab != config.vocab_size:
             raise NextwordError(f"{path}: not a step of this model (inputs {inputs}, {vocab} log-probs; "
                                 f"expected {input_names(config)}, {config.vocab_size}); export it again")
+        self.batch_invariant = False
         self.names = state_names(config)
         self.zeros = tuple(np.zeros((config.layers, 1, config.hidden), dtype=np.float32) for _ in self.names)
 

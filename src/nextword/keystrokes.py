@@ -28,6 +28,18 @@ are comparable with other engines:
   is the one of the engine's own setting.
 
 Top-1/top-3 accuracy is over word tokens, from the suggestions at ``i = 0``.
+
+Conversations are independent, so :func:`simulate_batched` types many at
+once: their committed tokens run through the model in one batched step, the
+n-gram and cache are mixed in for the whole batch, and a word's cost is read
+from its rank among the words that start with each prefix (with
+``skip_rejected``, less the words shown at shorter prefixes), not from one
+strip after another. It gives exactly the counts :func:`simulate` gives,
+which asks the engine's sessions as a person would, because every row of the
+batched step is bit for bit the step of that stream alone: that holds for the
+PyTorch step with int8 weights (:mod:`nextword.quantize`, the engine's
+default), and with any other the conversations are typed one at a time.
+
 Latency is per keystroke: the time from a keystroke to its suggestions being
 ready, on one CPU thread, as wall-clock time and as the thread's CPU time
 (which a busy, shared machine does not inflate). The keystroke that commits a word (or the start of a
@@ -37,22 +49,26 @@ a word pays only for the prefix lookup.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from nextword.engine import Engine
+from nextword.engine import Engine, _Cache, best
+from nextword.errors import NextwordError
 from nextword.text import is_word, tokenize
 from nextword.vocab import SPEAKER_TAG
+from nextword.windows import MESSAGE_END, message_head
 
 Conversation = Sequence[tuple[str, str]]  # (speaker, text) messages in order
 
 
 @dataclass
-class KeystrokeReport:
+class Savings:
     conversations: int
     messages: int
     words: int
@@ -63,14 +79,57 @@ class KeystrokeReport:
     ksr_skip_rejected: float  # it hides them, for a typist who read it after every letter
     top1: float
     top3: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class KeystrokeReport(Savings):
+    """The savings, and the latency of each keystroke, from typing one conversation at a time."""
+
     latency_p50_ms: float  # wall-clock time
     latency_p99_ms: float
     cpu_p50_ms: float  # CPU time of this thread: the wall time on an otherwise idle machine
     cpu_p99_ms: float
     latency_keystrokes: int  # how many keystrokes were timed
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def savings(self) -> Savings:
+        return Savings(**{f.name: getattr(self, f.name) for f in fields(Savings)})
+
+
+@dataclass
+class _Tally:
+    """Counts of a simulation, summed word by word."""
+
+    skip_rejected: bool  # the engine's own setting, which ``keystrokes`` and ``ksr`` follow
+    conversations: int = 0
+    messages: int = 0
+    words: int = 0
+    cost_show: int = 0  # keystrokes when the strip shows rejected words again
+    cost_skip: int = 0  # when it skips them
+    cost_without: int = 0
+    top1: int = 0
+    top3: int = 0
+
+    def word(self, word: str, cost_show: int, cost_skip: int, top1: bool, top3: bool) -> None:
+        self.words += 1
+        self.cost_show += cost_show
+        self.cost_skip += cost_skip
+        self.cost_without += len(word) + 1
+        self.top1 += top1
+        self.top3 += top3
+
+    def savings(self) -> Savings:
+        def ratio(keystrokes: int) -> float:
+            return 1 - keystrokes / self.cost_without if self.cost_without else 0.0
+
+        words = self.words
+        return Savings(self.conversations, self.messages, words,
+                       self.cost_skip if self.skip_rejected else self.cost_show, self.cost_without,
+                       ratio(self.cost_skip if self.skip_rejected else self.cost_show),
+                       ratio(self.cost_show), ratio(self.cost_skip),
+                       self.top1 / words if words else 0.0, self.top3 / words if words else 0.0)
 
 
 def word_cost(word: str, suggestions_after: Callable[[str], Sequence[str]]) -> int:
@@ -104,7 +163,11 @@ def simulate(
     k: int = 3,
     max_conversations: int | None = None,
 ) -> KeystrokeReport:
-    """Type every message of ``conversations`` with ``k`` suggestions shown; see the module docstring."""
+    """Type every message of ``conversations`` with ``k`` suggestions shown, one conversation at a time.
+
+    This asks the engine's sessions as the keyboard does, and times every keystroke on this thread;
+    see the module docstring.
+    """
     if isinstance(conversations, pd.DataFrame):
         conversations = conversations_from_table(conversations)
     clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
@@ -114,18 +177,14 @@ def simulate(
         warm.suggest("", k)
     latencies: list[int] = []
     cpu_times: list[int] = []
-    n_conversations = n_messages = words = cost = cost_without = top1 = top3 = 0
     skip = engine.options.skip_rejected
-    cost_other = 0  # with the other skip_rejected setting: the strips are lookups in the same distributions
-    for conversation in conversations:
-        if max_conversations is not None and n_conversations >= max_conversations:
-            break
-        n_conversations += 1
+    tally = _Tally(skip)
+    for conversation in itertools.islice(conversations, max_conversations):
+        tally.conversations += 1
         session = engine.session()
         for speaker, text in conversation:
-            if speaker not in SPEAKER_TAG:
-                raise ValueError(f"speaker {speaker!r} is not 'user' or 'agent'")
-            n_messages += 1
+            _check_speaker(speaker)
+            tally.messages += 1
             session.start_message(speaker)
             for token in tokenize(text):
                 if is_word(token):
@@ -140,31 +199,18 @@ def simulate(
                             shown_first[:] = shown
                         return shown
 
-                    words += 1
-                    cost += word_cost(token, suggestions_after)
-                    cost_other += word_cost(token, lambda prefix: [
+                    cost = word_cost(token, suggestions_after)
+                    cost_other = word_cost(token, lambda prefix: [
                         s.word for s in session.suggest(prefix, k, typing=True, skip_rejected=not skip)])
-                    cost_without += len(token) + 1
-                    top1 += bool(shown_first) and shown_first[0] == token
-                    top3 += token in shown_first
+                    tally.word(token, cost_other if skip else cost, cost if skip else cost_other,
+                               bool(shown_first) and shown_first[0] == token, token in shown_first)
                 session.feed(token)  # run through the model when the next suggestions are shown
             session.end_message()
-    def ratio(keystrokes: int) -> float:
-        return 1 - keystrokes / cost_without if cost_without else 0.0
 
     lat = np.array(latencies, dtype=np.float64) / 1e6
     cpu = np.array(cpu_times, dtype=np.float64) / 1e6
     return KeystrokeReport(
-        conversations=n_conversations,
-        messages=n_messages,
-        words=words,
-        keystrokes=cost,
-        keystrokes_without=cost_without,
-        ksr=ratio(cost),
-        ksr_show_rejected=ratio(cost_other if skip else cost),
-        ksr_skip_rejected=ratio(cost if skip else cost_other),
-        top1=top1 / words if words else 0.0,
-        top3=top3 / words if words else 0.0,
+        **tally.savings().to_dict(),
         latency_p50_ms=float(np.percentile(lat, 50)) if len(lat) else 0.0,
         latency_p99_ms=float(np.percentile(lat, 99)) if len(lat) else 0.0,
         cpu_p50_ms=float(np.percentile(cpu, 50)) if len(cpu) else 0.0,
@@ -172,6 +218,136 @@ def simulate(
         latency_keystrokes=len(lat),
     )
 
+
+def _check_speaker(speaker: str) -> None:
+    if speaker not in SPEAKER_TAG:
+        raise NextwordError(f"speaker {speaker!r} is not 'user' or 'agent'")
+
+
+def simulate_batched(
+    engine: Engine,
+    conversations: pd.DataFrame | Iterable[Conversation],
+    k: int = 3,
+    max_conversations: int | None = None,
+    batch_size: int = 128,
+) -> Savings:
+    """:func:`simulate`'s counts, typing up to ``batch_size`` conversations at once (no latency).
+
+    With a backend that is not batch-invariant (float32 weights, ONNX Runtime) it types them one at
+    a time, through :func:`simulate`.
+    """
+    if isinstance(conversations, pd.DataFrame):
+        conversations = conversations_from_table(conversations)
+    conversations = itertools.islice(conversations, max_conversations)
+    if not engine.batch_invariant:
+        return simulate(engine, conversations, k).savings()
+    tally = _Tally(engine.options.skip_rejected)
+    scorer = _Scorer(engine, k)
+    waiting = (_Stream(_script(engine, conversation, tally)) for conversation in conversations)
+    active: list[_Stream] = []
+    while True:
+        active = [s for s in active if s.at < len(s.script)]
+        active += [s for s in itertools.islice(waiting, batch_size - len(active)) if s.script]
+        if not active:
+            break
+        steps = [s.script[s.at] for s in active]
+        log_probs, states = engine.backend.run_batch([ids for ids, _ in steps], [s.state for s in active])
+        for stream, (ids, _), state in zip(active, steps, states):
+            stream.state = state
+            stream.history = engine.extend_history(stream.history, ids)
+            if engine.caching:
+                stream.cache = stream.cache.extended(ids, engine.blocked_suggest)
+            stream.at += 1
+        mixed = engine.mix_rows(log_probs, [s.history for s in active], [s.cache for s in active])
+        scorer.score(mixed, [word for _, word in steps], tally)
+    return tally.savings()
+
+
+@dataclass
+class _Stream:
+    """One conversation in a batched simulation: its steps, how many are done, and what a session would hold."""
+
+    script: list  # (ids committed since the last word, the word typed next), as _script gives them
+    at: int = 0
+    state: object = None
+    history: tuple = ()
+    cache: _Cache = _Cache()
+
+
+def _script(engine: Engine, conversation: Conversation, tally: _Tally) -> list[tuple[list[int], str]]:
+    """The words of a conversation, each with the ids committed before it, as a session queues them."""
+    vocab, steps, pending = engine.vocab, [], []
+    tally.conversations += 1
+    for speaker, text in conversation:
+        _check_speaker(speaker)
+        tally.messages += 1
+        pending += [vocab.id(t) for t in message_head(speaker, engine.speaker_tags)]
+        for token in tokenize(text):
+            if is_word(token):
+                steps.append((pending, token))
+                pending = []
+            pending.append(vocab.id(token))
+        pending.append(vocab.id(MESSAGE_END))
+    return steps
+
+
+class _Scorer:
+    """The cost of each word of a batch, read from the next-token distributions.
+
+    A word of ``k`` suggestions is shown after a prefix when fewer than ``k``
+    words that start with the prefix rank above it (higher log-probability, or
+    equal and a lower id, the order of ``engine.best``); with ``skip_rejected``
+    the words shown at shorter prefixes, which all rank above it, leave their
+    places free, so they are worked out (by ``best``, as the session does).
+    """
+
+    def __init__(self, engine: Engine, k: int):
+        self.engine, self.k = engine, k
+        self.words: dict[str, tuple[int, list[tuple[int, int]]]] = {}
+
+    def word(self, word: str) -> tuple[int, list[tuple[int, int]]]:
+        """Where ``word`` sits among the suggestable words (-1: not one), and the range of each prefix."""
+        found = self.words.get(word)
+        if found is None:
+            sorted_words = self.engine.sorted_words
+            at = bisect.bisect_left(sorted_words, word)
+            at = at if at < len(sorted_words) and sorted_words[at] == word else -1
+            found = self.words[word] = (at, [self.engine.prefix_range(word[:i]) for i in range(len(word))])
+        return found
+
+    def score(self, log_probs: np.ndarray, words: list[str], tally: _Tally) -> None:
+        k, ids = self.k, self.engine.sorted_ids
+        places = [self.word(w) for w in words]
+        rows = [row for row, (at, _) in enumerate(places) if at >= 0]
+        for row, word in enumerate(words):
+            if places[row][0] < 0:  # out of the vocabulary, or never suggested: typed in full
+                tally.word(word, len(word) + 1, len(word) + 1, False, False)
+        if not rows:
+            return
+        at = np.array([places[row][0] for row in rows])
+        scores = log_probs[np.array(rows)][:, ids]
+        own = scores[np.arange(len(rows)), at][:, None]
+        above = (scores > own) | ((scores == own) & (ids[None, :] < ids[at][:, None]))
+        above_before = np.zeros((len(rows), len(ids) + 1), dtype=np.int32)  # how many rank above it before each place
+        np.cumsum(above, axis=1, out=above_before[:, 1:])
+        for i, row in enumerate(rows):
+            word, ranges = words[row], places[row][1]
+            counts = above_before[i]
+            ranks = [int(counts[hi] - counts[lo]) for lo, hi in ranges]
+            shown = next((j + 1 for j, rank in enumerate(ranks) if rank < k), len(word) + 1)
+            skipped = self._skip_cost(scores[i], ranks, ranges, len(word) + 1)
+            tally.word(word, shown, skipped, ranks[0] == 0, ranks[0] < k)
+
+    def _skip_cost(self, scores: np.ndarray, ranks: list[int], ranges, without: int) -> int:
+        k, ids = self.k, self.engine.sorted_ids
+        rejected: list[int] = []  # places of the words shown so far, all ranked above the word typed
+        for j, ((lo, hi), rank) in enumerate(zip(ranges, ranks)):
+            inside = sum(lo <= place < hi for place in rejected)
+            if rank - inside < k:
+                return j + 1
+            top = lo + best(scores[lo:hi], ids[lo:hi], k + inside)
+            rejected += [place for place in top.tolist() if place not in rejected][:k]
+        return without
 
 
 @dataclass
