@@ -64,26 +64,44 @@ class TorchStep:
     def run_batch(self, token_ids: list[list[int]], states: list) -> tuple[np.ndarray, list]:
         """:meth:`run` for many streams: ``[streams, vocabulary]`` log-probs and each stream's new state.
 
-        The streams whose steps have the same number of ids run together, the output layer once for all.
+        The streams go through their ids together, one time step at a time: the streams still
+        running are the first rows (longest step first), so each step is one batched call on a
+        slice of the state; the output layer runs once for all.
         """
         if not self.batch_invariant:
             raise NextwordError("this model's step depends on its batch; run the streams one at a time")
-        by_length: dict[int, list[int]] = {}
-        for row, ids in enumerate(token_ids):
-            by_length.setdefault(len(ids), []).append(row)
-        lstm = self.model.config.cell == "lstm"
+        order = sorted(range(len(token_ids)), key=lambda row: -len(token_ids[row]))
+        lengths = [len(token_ids[row]) for row in order]
         zero = self.model.init_state(1)
-        last, new_states = [None] * len(token_ids), [None] * len(token_ids)
+        lstm = self.model.config.cell == "lstm"
+        parts = [zero if states[row] is None else states[row] for row in order]
+        if lstm:
+            state = (torch.cat([h for h, _ in parts], 1), torch.cat([c for _, c in parts], 1))
+        else:
+            state = torch.cat(parts, 1)
+        ids = torch.zeros(len(order), lengths[0], dtype=torch.long)
+        for i, row in enumerate(order):
+            ids[i, : lengths[i]] = torch.tensor(token_ids[row])
+        last = None
         with one_thread():
-            for length, rows in by_length.items():
-                state = [zero if states[row] is None else states[row] for row in rows]
-                state = (torch.cat([h for h, _ in state], 1), torch.cat([c for _, c in state], 1)) if lstm \
-                    else torch.cat(state, 1)
-                feats, state = self.model.features(torch.tensor([token_ids[row] for row in rows]), state)
-                for i, row in enumerate(rows):
-                    last[row] = feats[i, -1]
-                    new_states[row] = (state[0][:, i:i + 1], state[1][:, i:i + 1]) if lstm else state[:, i:i + 1]
-            return self.model.log_probs(torch.stack(last)).numpy(), new_states
+            for t in range(lengths[0]):
+                running = sum(length > t for length in lengths)
+                rows = slice(0, running)
+                now = (state[0][:, rows], state[1][:, rows]) if lstm else state[:, rows]
+                feats, now = self.model.features(ids[rows, t:t + 1], now)
+                if last is None:
+                    last = feats.new_empty(len(order), feats.shape[-1])
+                if lstm:
+                    state[0][:, rows], state[1][:, rows] = now
+                else:
+                    state[:, rows] = now
+                ending = slice(sum(length > t + 1 for length in lengths), running)  # the rows whose last id this was
+                last[ending] = feats[ending, 0]
+            log_probs = self.model.log_probs(last).numpy()
+        new_states = [None] * len(order)
+        for i, row in enumerate(order):
+            new_states[row] = (state[0][:, i:i + 1], state[1][:, i:i + 1]) if lstm else state[:, i:i + 1]
+        return log_probs[np.argsort(order)], new_states
 
 
 class OnnxStep:

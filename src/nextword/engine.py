@@ -50,16 +50,17 @@ from nextword.vocab import EOS, SPEAKER_TAG
 from nextword.windows import MESSAGE_END, message_head
 
 
-def best(scores: np.ndarray, ids: np.ndarray, want: int) -> np.ndarray:
+def best(scores: np.ndarray, ids: np.ndarray, want: int, last: float | None = None) -> np.ndarray:
     """Positions of the ``want`` highest ``scores``, highest first; equal scores go to the lower id.
 
     A lower id is a more frequent word. Every word with a score tied with the last one taken
-    is a candidate, so the choice among ties never depends on how the top is found.
+    is a candidate, so the choice among ties never depends on how the top is found. ``last``
+    is the ``want``-th highest score, when it is already known.
     """
     if want < len(scores):
-        if len(scores) > 2048:  # a short prefix: torch's top-k is several times faster than partitioning here
+        if last is None and len(scores) > 2048:  # torch's top-k is several times faster than partitioning here
             last = torch.topk(torch.from_numpy(scores), want, sorted=False).values.min().item()
-        else:
+        elif last is None:
             last = np.partition(scores, len(scores) - want)[len(scores) - want]
         top = np.flatnonzero(scores >= last)
     else:
@@ -144,26 +145,34 @@ class Engine:
 
         Every operation is elementwise or within a row, so a row comes out the same alone or in a batch.
         """
-        parts = []  # per row: (weight, {id: count}) in the order they are mixed in
-        for cache in caches:
-            row = []
-            if cache is not None:
-                row = [(self.options.cache_weight, cache.words),
-                       (self.options.cache_bigram_weight, cache.followers.get(cache.last))]
-            parts.append([(w, counts) for w, counts in row if w and counts])
-        if self.ngram is None and not any(parts):
+        weights = (self.options.cache_weight, self.options.cache_bigram_weight)
+        parts = []  # per part: (weight, the rows it is mixed into, their {id: count})
+        for part, w in enumerate(weights):
+            rows, counts = [], []
+            for row, cache in enumerate(caches):
+                found = None if cache is None else (cache.words if part == 0 else cache.followers.get(cache.last))
+                if w and found:
+                    rows.append(row)
+                    counts.append(found)
+            if rows:
+                parts.append((w, rows, counts))
+        if self.ngram is None and not parts:
             return log_probs
         p = np.exp(log_probs)
         if self.ngram is not None:
             a = self.options.ngram_weight
             p *= 1 - a
             p += self.ngram.next_probs(histories, dtype=np.float32, scale=a)
-        for row, row_parts in zip(p, parts):
-            for w, counts in row_parts:
-                ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-                n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-                row *= 1 - w
-                row[ids] += w * n / n.sum()
+        for w, rows, counts in parts:
+            keep = np.ones((len(p), 1), dtype=np.float32)  # times 1 is exact: rows without the part are unchanged
+            keep[rows] = 1 - w
+            p *= keep
+            ids = [np.fromiter(c.keys(), dtype=np.int64, count=len(c)) for c in counts]
+            n = [np.fromiter(c.values(), dtype=np.float32, count=len(c)) for c in counts]
+            lengths = [len(c) for c in counts]
+            # Each row's share of w, w * n / n.sum() row by row; a row's ids are distinct, so a plain add is exact.
+            totals = np.repeat(np.array([x.sum() for x in n], dtype=np.float32), lengths)
+            p[np.repeat(rows, lengths), np.concatenate(ids)] += w * np.concatenate(n) / totals
         return np.log(p, out=p)
 
     def run(self, token_ids: list[int], state):

@@ -57,6 +57,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from nextword.engine import Engine, _Cache, best
 from nextword.errors import NextwordError
@@ -243,11 +244,14 @@ def simulate_batched(
         return simulate(engine, conversations, k).savings()
     tally = _Tally(engine.options.skip_rejected)
     scorer = _Scorer(engine, k)
-    waiting = (_Stream(_script(engine, conversation, tally)) for conversation in conversations)
+    # The longest first: a conversation's words are typed one after another, so the longest sets the number
+    # of batched steps, and the others fill the batch beside it. The counts are sums, in any order.
+    scripts = sorted((_script(engine, conversation, tally) for conversation in conversations), key=len, reverse=True)
+    waiting = (_Stream(script) for script in scripts if script)
     active: list[_Stream] = []
     while True:
         active = [s for s in active if s.at < len(s.script)]
-        active += [s for s in itertools.islice(waiting, batch_size - len(active)) if s.script]
+        active += itertools.islice(waiting, batch_size - len(active))
         if not active:
             break
         steps = [s.script[s.at] for s in active]
@@ -325,27 +329,32 @@ class _Scorer:
         if not rows:
             return
         at = np.array([places[row][0] for row in rows])
-        scores = log_probs[np.array(rows)][:, ids]
+        scores = np.take(log_probs[rows], ids, axis=1)
         own = scores[np.arange(len(rows)), at][:, None]
-        above = (scores > own) | ((scores == own) & (ids[None, :] < ids[at][:, None]))
-        above_before = np.zeros((len(rows), len(ids) + 1), dtype=np.int32)  # how many rank above it before each place
-        np.cumsum(above, axis=1, out=above_before[:, 1:])
+        above = scores > own
+        above |= (scores == own) & (ids[None, :] < ids[at][:, None])
+        first = np.count_nonzero(above, axis=1)  # rank before the first letter
+        # The k-th highest score of each row, for the first strip that skip_rejected hides words from.
+        behind = np.flatnonzero(first >= k)
+        last = {}
+        if len(behind) and k < len(ids):
+            top = torch.topk(torch.from_numpy(scores[behind]), k, dim=1).values[:, -1].numpy()
+            last = dict(zip(behind.tolist(), top.tolist()))
         for i, row in enumerate(rows):
             word, ranges = words[row], places[row][1]
-            counts = above_before[i]
-            ranks = [int(counts[hi] - counts[lo]) for lo, hi in ranges]
+            ranks = [int(first[i])] + [int(np.count_nonzero(above[i, lo:hi])) for lo, hi in ranges[1:]]
             shown = next((j + 1 for j, rank in enumerate(ranks) if rank < k), len(word) + 1)
-            skipped = self._skip_cost(scores[i], ranks, ranges, len(word) + 1)
+            skipped = self._skip_cost(scores[i], ranks, ranges, len(word) + 1, last.get(i))
             tally.word(word, shown, skipped, ranks[0] == 0, ranks[0] < k)
 
-    def _skip_cost(self, scores: np.ndarray, ranks: list[int], ranges, without: int) -> int:
+    def _skip_cost(self, scores: np.ndarray, ranks: list[int], ranges, without: int, last: float | None) -> int:
         k, ids = self.k, self.engine.sorted_ids
         rejected: list[int] = []  # places of the words shown so far, all ranked above the word typed
         for j, ((lo, hi), rank) in enumerate(zip(ranges, ranks)):
             inside = sum(lo <= place < hi for place in rejected)
             if rank - inside < k:
                 return j + 1
-            top = lo + best(scores[lo:hi], ids[lo:hi], k + inside)
+            top = lo + best(scores[lo:hi], ids[lo:hi], k + inside, last if j == 0 else None)
             rejected += [place for place in top.tolist() if place not in rejected][:k]
         return without
 
