@@ -161,6 +161,7 @@ def test_batched_simulation_counts_exactly_what_one_stream_counts(batch_engine_d
     assert one.ksr_show_rejected < one.ksr_skip_rejected  # both strips are exercised
     for batch_size in (2, 16):  # streams joining as others finish, and all at once
         assert simulate_batched(engine, BATCH_CONVERSATIONS, batch_size=batch_size) == one
+    assert simulate_batched(engine, BATCH_CONVERSATIONS, processes=2) == one
     first_two = simulate_batched(engine, BATCH_CONVERSATIONS, max_conversations=2)
     assert first_two == simulate(engine, BATCH_CONVERSATIONS[:2]).savings()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def cmd_evaluate(args) -> None:
     torch.set_num_threads(threads)
     scores = evaluate(load_trained(args.model)[0], windows, engine.vocab)  # the LSTM alone, in float32
     torch.set_num_threads(1)  # latency is measured on one thread
-    keys = simulate_batched(engine, conversations, k=engine.options.suggestions)
+    keys = simulate_batched(engine, conversations, k=engine.options.suggestions, processes=os.cpu_count() or 1)
     timed = simulate(engine, conversations, k=engine.options.suggestions, max_conversations=args.latency_conversations)
     latency = {name: getattr(timed, name) for name in ("latency_p50_ms", "latency_p99_ms", "cpu_p50_ms", "cpu_p99_ms",
                                                         "latency_keystrokes")}

@@ -121,6 +121,13 @@ class _Tally:
         self.top1 += top1
         self.top3 += top3
 
+    @classmethod
+    def total(cls, tallies: list["_Tally"], skip_rejected: bool) -> "_Tally":
+        total = cls(skip_rejected)
+        for name in (f.name for f in fields(cls) if f.name != "skip_rejected"):
+            setattr(total, name, sum(getattr(t, name) for t in tallies))
+        return total
+
     def savings(self) -> Savings:
         def ratio(keystrokes: int) -> float:
             return 1 - keystrokes / self.cost_without if self.cost_without else 0.0
@@ -231,17 +238,48 @@ def simulate_batched(
     k: int = 3,
     max_conversations: int | None = None,
     batch_size: int = 128,
+    processes: int = 1,
 ) -> Savings:
     """:func:`simulate`'s counts, typing up to ``batch_size`` conversations at once (no latency).
 
-    With a backend that is not batch-invariant (float32 weights, ONNX Runtime) it types them one at
-    a time, through :func:`simulate`.
+    ``processes`` > 1 shares the conversations among that many forked processes, each batching its
+    own. With a backend that is not batch-invariant (float32 weights, ONNX Runtime) the conversations
+    are typed one at a time, through :func:`simulate`.
     """
     if isinstance(conversations, pd.DataFrame):
         conversations = conversations_from_table(conversations)
-    conversations = itertools.islice(conversations, max_conversations)
+    conversations = list(itertools.islice(conversations, max_conversations))
     if not engine.batch_invariant:
         return simulate(engine, conversations, k).savings()
+    if processes < 2 or len(conversations) < 2:
+        return _batched(engine, conversations, k, batch_size).savings()
+    import concurrent.futures
+    import multiprocessing
+
+    # Dealt out longest first, so that each process gets as much typing, and its longest conversations early.
+    by_length = sorted(conversations, key=lambda c: sum(len(text) for _, text in c), reverse=True)
+    shares = [by_length[i::processes] for i in range(processes)]
+    # Forked, the processes share the loaded engine instead of each loading it again.
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                                initializer=_share_engine, initargs=(engine,)) as pool:
+        tallies = list(pool.map(_batched_share, shares, itertools.repeat(k), itertools.repeat(batch_size)))
+    return _Tally.total(tallies, engine.options.skip_rejected).savings()
+
+
+_shared_engine: Engine | None = None  # the engine of a process forked by simulate_batched
+
+
+def _share_engine(engine: Engine) -> None:
+    global _shared_engine
+    _shared_engine = engine
+
+
+def _batched_share(conversations: list[Conversation], k: int, batch_size: int) -> "_Tally":
+    return _batched(_shared_engine, conversations, k, batch_size)
+
+
+def _batched(engine: Engine, conversations: list[Conversation], k: int, batch_size: int) -> "_Tally":
+    """The tally of typing ``conversations`` in batches of up to ``batch_size``, in this process."""
     tally = _Tally(engine.options.skip_rejected)
     scorer = _Scorer(engine, k)
     # The longest first: a conversation's words are typed one after another, so the longest sets the number
@@ -264,7 +302,7 @@ def simulate_batched(
             stream.at += 1
         mixed = engine.mix_rows(log_probs, [s.history for s in active], [s.cache for s in active])
         scorer.score(mixed, [word for _, word in steps], tally)
-    return tally.savings()
+    return tally
 
 
 @dataclass
@@ -332,7 +370,9 @@ class _Scorer:
         scores = np.take(log_probs[rows], ids, axis=1)
         own = scores[np.arange(len(rows)), at][:, None]
         above = scores > own
-        above |= (scores == own) & (ids[None, :] < ids[at][:, None])
+        tied = scores == own
+        if np.count_nonzero(tied) > len(rows):  # a word ties with the one typed: the lower id ranks above
+            above |= tied & (ids[None, :] < ids[at][:, None])
         first = np.count_nonzero(above, axis=1)  # rank before the first letter
         # The k-th highest score of each row, for the first strip that skip_rejected hides words from.
         behind = np.flatnonzero(first >= k)

@@ -19,6 +19,7 @@ conversations, with the other settings as served.
 
 import csv
 import io
+import os
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,8 @@ def engine_parts(model_dir, test: pd.DataFrame, conversations: int) -> str:
     writer.writerow(["part", "ksr_show_rejected", "ksr_skip_rejected", "conversations"])
     for label, off in ENGINE_PARTS:
         engine = Engine.load(model_dir, overrides=off)
-        r = simulate_batched(engine, test, k=engine.options.suggestions, max_conversations=conversations or None)
+        r = simulate_batched(engine, test, k=engine.options.suggestions, max_conversations=conversations or None,
+                             processes=os.cpu_count() or 1)
         writer.writerow([label, f"{r.ksr_show_rejected:.5f}", f"{r.ksr_skip_rejected:.5f}", r.conversations])
         print(f"engine parts: {label}: KSR {r.ksr_show_rejected:.4f} (skipping words passed over "
               f"{r.ksr_skip_rejected:.4f})")
@@ -66,7 +68,8 @@ def main(args, params):
     test = messages[messages["split"] == "test"]
     engine = Engine.load(args.model)
     k = engine.options.suggestions
-    savings = simulate_batched(engine, test, k=k, max_conversations=e.ksr_conversations or None)
+    savings = simulate_batched(engine, test, k=k, max_conversations=e.ksr_conversations or None,
+                               processes=os.cpu_count() or 1)
     metrics["keystrokes"] = {name: getattr(savings, name) for name in (
         "conversations", "words", "ksr", "ksr_show_rejected", "ksr_skip_rejected", "top1", "top3")}
     timed = simulate(engine, test, k=k, max_conversations=e.latency_conversations)
