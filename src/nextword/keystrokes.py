@@ -382,8 +382,11 @@ class _Scorer:
             last = dict(zip(behind.tolist(), top.tolist()))
         for i, row in enumerate(rows):
             word, ranges = words[row], places[row][1]
-            ranks = [int(first[i])] + [int(np.count_nonzero(above[i, lo:hi])) for lo, hi in ranges[1:]]
-            shown = next((j + 1 for j, rank in enumerate(ranks) if rank < k), len(word) + 1)
+            ranks = [int(first[i])]  # at each prefix, until the word is shown (skipping words shows it no later)
+            while ranks[-1] >= k and len(ranks) < len(ranges):
+                lo, hi = ranges[len(ranks)]
+                ranks.append(int(np.count_nonzero(above[i, lo:hi])))
+            shown = len(ranks) if ranks[-1] < k else len(word) + 1
             skipped = self._skip_cost(scores[i], ranks, ranges, len(word) + 1, last.get(i))
             tally.word(word, shown, skipped, ranks[0] == 0, ranks[0] < k)
 
