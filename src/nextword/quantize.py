@@ -26,6 +26,11 @@ threads; :func:`batch_invariant` tells whether a model qualifies (the
 recurrent sizes), :func:`one_thread` holds the thread count. A model that does
 not qualify is served the same way; the keystroke simulation then types one
 stream at a time.
+
+The price is paid on one stream: ``torch._int_mm`` keeps no prepacked
+weights and the gates run as separate PyTorch operations, so a step is slower
+than ``torch.ao``'s fused int8 LSTM was, though still faster than float32
+(``docs/results.md`` has the figures).
 """
 
 from __future__ import annotations
