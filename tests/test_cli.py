@@ -81,7 +81,7 @@ def test_evaluate(tiny_model_dir, chat_csv, tmp_path):
                                                 for w in text.split() if w not in {",", "?", "!", "."})
     assert 0.5 < figures["ksr"] < 1 and figures["top3"] > 0.9
     assert figures["perplexity"] >= 1 and figures["perplexity"] < 3
-    assert 0 < figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+    assert 0 < figures["latency_p50_ms"] <= figures["latency_p99_ms"] and figures["latency_conversations"] == 1
     # the settings stored in the model folder, as the pipeline evaluated them ...
     assert figures["engine"] == ENGINE.model_dump(exclude={"ngram_order", "banned_words"})
     # ... and each flag overrides one of them

@@ -483,3 +483,15 @@ def test_only_the_first_right_tokens_are_read(fim_engine):
     ids = fim_engine.right_ids(long_right, inside_word=False)
     assert ids == [fim_engine.vocab.id("tea")] * FIM_RIGHT_TOKENS  # cut short: no <EOS>
     assert fim_engine.right_ids("ine", inside_word=True) == []
+
+
+def test_equal_scores_go_to_the_lower_id_however_the_top_is_found():
+    from nextword.engine import best
+
+    scores = np.array([1.0, 2.0, 2.0, 2.0, 0.0], dtype=np.float32)
+    ids = np.array([4, 3, 9, 1, 0])
+    assert best(scores, ids, 2).tolist() == [3, 1]  # the 2.0s of ids 1 and 3, not 9
+    assert best(scores, ids, 9).tolist() == [3, 1, 2, 0, 4]
+    wide = np.zeros(5000, dtype=np.float32)  # long enough for torch's top-k: ties everywhere
+    wide[[4000, 17]] = 1.0
+    assert best(wide, np.arange(5000)[::-1].copy(), 4).tolist() == [4000, 17, 4999, 4998]

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from nextword.engine import Engine
-from nextword.keystrokes import conversations_from_table, simulate, word_cost
+from nextword.keystrokes import conversations_from_table, simulate, simulate_batched, word_cost
 
 # A model whose next-word distribution is always softmax of these logits, so the three
 # suggestions after any prefix can be read off this table: the most probable words that
@@ -108,3 +108,76 @@ def test_real_model_saves_nearly_every_keystroke_on_what_it_memorised(tiny_model
     assert report.words == 29
     assert report.keystrokes <= report.words + 3
     assert report.top3 > 0.9
+
+
+# ---------------------------------------------------------------- many conversations in one batch
+
+# Many words share their first letters, so a strip that skips the words passed over shows others.
+T_WORDS = [
+    ("user", "then they took the train to town , though the trip took time"),
+    ("agent", "the tall teacher told them that the test was tough"),
+    ("user", "thanks , that is true , they tried two times today !"),
+]
+BATCH_CONVERSATIONS = [
+    T_WORDS,
+    [("agent", "they told the teacher that town was true"), ("user", "what zebra ?")],  # an unknown word
+    [("user", "thanks")],
+    [],
+    [("user", "the test took two times , then the train took time"), ("agent", "today they tried")] * 3,
+]
+
+
+@pytest.fixture(scope="module")
+def batch_engine_dir(tmp_path_factory):
+    """A two-layer int8 LSTM (untrained: exactness needs no skill) with an n-gram, and the default engine settings."""
+    import torch
+
+    from conftest import ENGINE, model_config, save_servable
+    from nextword.model import LanguageModel
+    from nextword.ngram import KneserNey
+    from nextword.text import tokenize
+    from nextword.vocab import Vocab
+    from nextword.windows import split_stream
+
+    tokenized = [(speaker, tokenize(text)) for speaker, text in T_WORDS]
+    vocab = Vocab.build([tokens for _, tokens in tokenized])
+    torch.manual_seed(0)
+    model = LanguageModel(model_config(len(vocab), embedding=32, hidden=64, layers=2)).eval()
+    stream = split_stream(tokenized, vocab, speaker_tags=True)
+    folder = tmp_path_factory.mktemp("batch") / "model"
+    save_servable(folder, model, vocab, {"speaker_tags": True, "window_length": 8}, ENGINE,
+                  KneserNey.fit(stream, len(vocab), ENGINE.ngram_order))
+    return folder
+
+
+@pytest.mark.parametrize("skip_rejected", [False, True])
+def test_batched_simulation_counts_exactly_what_one_stream_counts(batch_engine_dir, skip_rejected):
+    engine = Engine.load(batch_engine_dir, overrides={"skip_rejected": skip_rejected}, exact_batches=True)
+    assert not Engine.load(batch_engine_dir).batch_invariant  # the served kernel: batches it would change
+    # The default engine: int8 PyTorch step, n-gram and both caches mixed in; batched for real, not typed one by one.
+    assert engine.options.int8 and engine.options.backend == "torch" and engine.ngram is not None and engine.caching
+    assert engine.batch_invariant
+    one = simulate(engine, BATCH_CONVERSATIONS).savings()
+    assert one.words == 31 + 10 + 1 + 0 + 39 and one.conversations == 5 and 0 < one.ksr < 1
+    assert one.ksr_show_rejected < one.ksr_skip_rejected  # both strips are exercised
+    for batch_size in (2, 16):  # streams joining as others finish, and all at once
+        assert simulate_batched(engine, BATCH_CONVERSATIONS, batch_size=batch_size) == one
+    assert simulate_batched(engine, BATCH_CONVERSATIONS, processes=2) == one
+    first_two = simulate_batched(engine, BATCH_CONVERSATIONS, max_conversations=2)
+    assert first_two == simulate(engine, BATCH_CONVERSATIONS[:2]).savings()
+
+
+def test_batched_simulation_types_one_at_a_time_where_a_batch_would_change_the_numbers(fixed_engine):
+    engine = fixed_engine(LOGITS)  # float32 products: summed in an order that depends on the batch
+    assert not engine.batch_invariant
+    report = simulate(engine, [CONVERSATION, [("user", "cat")]])
+    assert simulate_batched(engine, [CONVERSATION, [("user", "cat")]]) == report.savings()
+    assert (report.keystrokes, report.keystrokes_without) == (24, 40)
+
+
+def test_a_speaker_that_is_not_user_or_agent_is_refused_in_one_line(fixed_engine):
+    from nextword.errors import NextwordError
+
+    for run in (simulate, simulate_batched):
+        with pytest.raises(NextwordError, match="^speaker 'bot' is not 'user' or 'agent'$"):
+            run(fixed_engine(LOGITS), [[("bot", "the cat")]])

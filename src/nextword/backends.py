@@ -7,6 +7,14 @@ of the token after the last of them (a numpy vector over the vocabulary) and
 the new state. The engine keeps the state and hands it back; it never looks
 inside, so each backend carries its own kind.
 
+A backend whose ``batch_invariant`` is true also has ``run_batch``: the
+steps of many streams in one batched call, each row exactly the numbers
+``run`` gives that stream alone (the keystroke simulation relies on it). The
+PyTorch step with the engine's int8 weights is (:mod:`nextword.quantize`);
+float32 products, in PyTorch or ONNX Runtime, are summed in an order that
+depends on the batch, and ONNX Runtime's int8 quantizes the activations of a
+whole batch with one scale, so the ONNX step runs one stream at a time.
+
 The ONNX graph (:func:`nextword.export.export_onnx` writes it) is one such
 step with the state as explicit inputs and outputs, since ONNX Runtime keeps
 nothing between calls: inputs ``ids`` ([1, steps] int64), ``h`` and, for an
@@ -28,6 +36,7 @@ import torch
 
 from nextword.config import ONNX_CELLS, ModelConfig
 from nextword.errors import NextwordError, damaged
+from nextword.quantize import batch_invariant, one_thread
 
 
 def require_onnx_cell(config: ModelConfig) -> None:
@@ -60,12 +69,56 @@ class TorchStep:
 
     def __init__(self, model):
         self.model = model
+        self.batch_invariant = batch_invariant(model)
 
     @torch.no_grad()
     def run(self, token_ids: list[int], state):
         # The output layer, the largest part of a step, runs only for the last token.
         feats, state = self.model.features(torch.tensor([token_ids]), state)
         return self.model.log_probs(feats[:, -1])[0].numpy(), state
+
+    @torch.no_grad()
+    def run_batch(self, token_ids: list[list[int]], states: list) -> tuple[np.ndarray, list]:
+        """:meth:`run` for many streams: ``[streams, vocabulary]`` log-probs and each stream's new state.
+
+        The streams go through their ids together, one time step at a time: the streams still
+        running are the first rows (longest step first), so each step is one batched call on a
+        slice of the state; the output layer runs once for all.
+        """
+        if not self.batch_invariant:
+            raise NextwordError("this model's step depends on its batch; run the streams one at a time")
+        order = sorted(range(len(token_ids)), key=lambda row: -len(token_ids[row]))
+        lengths = [len(token_ids[row]) for row in order]
+        zero = self.model.init_state(1)
+        lstm = self.model.config.cell == "lstm"
+        parts = [zero if states[row] is None else states[row] for row in order]
+        if lstm:
+            state = (torch.cat([h for h, _ in parts], 1), torch.cat([c for _, c in parts], 1))
+        else:
+            state = torch.cat(parts, 1)
+        ids = torch.zeros(len(order), lengths[0], dtype=torch.long)
+        for i, row in enumerate(order):
+            ids[i, : lengths[i]] = torch.tensor(token_ids[row])
+        last = None
+        with one_thread():
+            for t in range(lengths[0]):
+                running = sum(length > t for length in lengths)
+                rows = slice(0, running)
+                now = (state[0][:, rows], state[1][:, rows]) if lstm else state[:, rows]
+                feats, now = self.model.features(ids[rows, t:t + 1], now)
+                if last is None:
+                    last = feats.new_empty(len(order), feats.shape[-1])
+                if lstm:
+                    state[0][:, rows], state[1][:, rows] = now
+                else:
+                    state[:, rows] = now
+                ending = slice(sum(length > t + 1 for length in lengths), running)  # the rows whose last id this was
+                last[ending] = feats[ending, 0]
+            log_probs = self.model.log_probs(last).numpy()
+        new_states = [None] * len(order)
+        for i, row in enumerate(order):
+            new_states[row] = (state[0][:, i:i + 1], state[1][:, i:i + 1]) if lstm else state[:, i:i + 1]
+        return log_probs[np.argsort(order)], new_states
 
 
 class OnnxStep:
@@ -92,6 +145,7 @@ class OnnxStep:
         if inputs != input_names(config) or vocab != config.vocab_size:
             raise NextwordError(f"{path}: not a step of this model (inputs {inputs}, {vocab} log-probs; "
                                 f"expected {input_names(config)}, {config.vocab_size}); export it again")
+        self.batch_invariant = False
         self.names = state_names(config)
         self.zeros = tuple(np.zeros((config.layers, 1, config.hidden), dtype=np.float32) for _ in self.names)
 

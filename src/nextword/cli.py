@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,10 +79,10 @@ def weight(text: str) -> float:
     return value
 
 
-def load_engine(args):
+def load_engine(args, exact_batches: bool = False):
     from nextword.engine import Engine
 
-    return Engine.load(args.model, overrides=engine_overrides(args))
+    return Engine.load(args.model, overrides=engine_overrides(args), exact_batches=exact_batches)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -131,7 +132,7 @@ def cmd_evaluate(args) -> None:
 
     import torch  # only once the CSV is known to be good: a bad file fails fast
 
-    from nextword.keystrokes import conversations_from_table, simulate
+    from nextword.keystrokes import conversations_from_table, simulate, simulate_batched
     from nextword.metrics import evaluate, per_word
     from nextword.modeldir import load_trained
     from nextword.text import tokenize
@@ -154,7 +155,11 @@ def cmd_evaluate(args) -> None:
     scores = evaluate(load_trained(args.model)[0], windows, engine.vocab)  # the LSTM alone, in float32
     scores.update(per_word(scores, word_targets(messages, engine.speaker_tags)))
     torch.set_num_threads(1)  # latency is measured on one thread
-    keys = simulate(engine, conversations, k=engine.options.suggestions)
+    batched = load_engine(args, exact_batches=True)  # the same int8 weights, a kernel that batches exactly
+    keys = simulate_batched(batched, conversations, k=engine.options.suggestions, processes=os.cpu_count() or 1)
+    timed = simulate(engine, conversations, k=engine.options.suggestions, max_conversations=args.latency_conversations)
+    latency = {name: getattr(timed, name) for name in ("latency_p50_ms", "latency_p99_ms", "cpu_p50_ms", "cpu_p99_ms",
+                                                        "latency_keystrokes")}
 
     result = {
         "csv": str(args.csv),
@@ -167,6 +172,8 @@ def cmd_evaluate(args) -> None:
         "tokens": scores["tokens"],
         "word_perplexity": scores["word_perplexity"],
         **{name: value for name, value in keys.to_dict().items() if name not in ("conversations", "messages")},
+        **latency,
+        "latency_conversations": timed.conversations,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -178,9 +185,9 @@ def cmd_evaluate(args) -> None:
     print(f"keystrokes      {keys.keystrokes} of {keys.keystrokes_without}: KSR {keys.ksr:.2%} "
           f"({engine.options.suggestions} suggestions); words passed over shown again "
           f"{keys.ksr_show_rejected:.2%}, skipped {keys.ksr_skip_rejected:.2%}")
-    print(f"latency         p50 {keys.latency_p50_ms:.3f} ms, p99 {keys.latency_p99_ms:.3f} ms per keystroke "
-          f"({keys.latency_keystrokes} keystrokes, one thread; CPU time p50 {keys.cpu_p50_ms:.3f}, "
-          f"p99 {keys.cpu_p99_ms:.3f} ms)")
+    print(f"latency         p50 {timed.latency_p50_ms:.3f} ms, p99 {timed.latency_p99_ms:.3f} ms per keystroke "
+          f"({timed.latency_keystrokes} keystrokes of the first {timed.conversations} conversations, one at a time "
+          f"on one thread; CPU time p50 {timed.cpu_p50_ms:.3f}, p99 {timed.cpu_p99_ms:.3f} ms)")
 
 
 def report_fim(args, engine, conversations) -> None:
@@ -424,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, help="messages: speaker, text, optional conversation_id and turn")
     p.add_argument("--split", choices=("train", "val", "test"), help="only the rows of this split (a 'split' column)")
     p.add_argument("--max-conversations", type=positive_int, help="only the first N conversations")
+    p.add_argument("--latency-conversations", type=positive_int, default=20,
+                   help="time the keystrokes of the first N conversations, typed one at a time (default: 20)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="threads for perplexity (0: default)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--fim", action="store_true",

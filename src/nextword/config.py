@@ -151,9 +151,10 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(ge=1)
-    # Keystroke simulation on the first N test conversations (0: all of them);
-    # it types every character, so it is capped to keep `dvc repro` short.
+    # Keystroke savings on the first N test conversations (0: all of them), typed many at once.
     ksr_conversations: int = Field(ge=0)
+    # Keystroke latency on the first N of them, typed one at a time on one thread, as a keyboard types.
+    latency_conversations: int = Field(ge=1)
     ablation_conversations: int = Field(ge=0)  # the KSR of each engine part, on the first N (0: all)
 
 

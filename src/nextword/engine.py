@@ -63,6 +63,7 @@ from nextword.config import EngineParams
 from nextword.errors import NextwordError
 from nextword.modeldir import load_servable, onnx_file, read_banned_words
 from nextword.ngram import KneserNey
+from nextword.quantize import fused_int8, quantize_int8
 from nextword.text import PUNCTUATION, is_word, tokenize
 from nextword.tokenizer import WORD
 from nextword.vocab import EOS, SPEAKER_TAG
@@ -75,36 +76,22 @@ FIM_CANDIDATES = 32
 FIM_RIGHT_TOKENS = 4
 
 
-def quantize_int8(model):
-    """The model with int8 weights in its LSTM and linear layers (PyTorch dynamic quantization).
+def best(scores: np.ndarray, ids: np.ndarray, want: int, last: float | None = None) -> np.ndarray:
+    """Positions of the ``want`` highest ``scores``, highest first; equal scores go to the lower id.
 
-    Every cell has its matrices there: the fused LSTM/GRU layers, and the
-    ``nn.Linear`` layers of the LayerNorm LSTM's gates and of the Transformer's
-    attention and MLP. Layer norms, rotary positions and the attention products
-    over the KV cache stay in float32.
-
-    One step of the chat model reads its whole output matrix (vocabulary x
-    hidden); in float32 that is tens of megabytes, more than a CPU cache, so
-    a step is bound by memory bandwidth. In int8 it is a quarter of that and
-    a step is several times faster, for log-probabilities within about 1e-2.
-
-    ``torch.ao.quantization`` is deprecated, and PyTorch points to torchao, whose
-    dynamic quantization covers linear layers but not ``nn.LSTM``/``nn.GRU``.
-    The decision: the PyTorch backend keeps this API while the pinned torch
-    ships it, and gains no torchao dependency; int8 goes forward on the ONNX
-    backend (``engine.backend: onnx``, ONNX Runtime's own dynamic quantization).
-    Once a torch without it is pinned, int8 on the PyTorch backend is refused in one line.
+    A lower id is a more frequent word. Every word with a score tied with the last one taken
+    is a candidate, so the choice among ties never depends on how the top is found. ``last``
+    is the ``want``-th highest score, when it is already known.
     """
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            from torch.ao.quantization import quantize_dynamic
-        except ImportError:
-            raise NextwordError(f"torch {torch.__version__} has no dynamic quantization: "
-                                "set engine.int8 false (--fp32), or engine.backend onnx") from None
-        return quantize_dynamic(model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.Linear}, dtype=torch.qint8)
+    if want < len(scores):
+        if last is None and len(scores) > 2048:  # torch's top-k is several times faster than partitioning here
+            last = torch.topk(torch.from_numpy(scores), want, sorted=False).values.min().item()
+        elif last is None:
+            last = np.partition(scores, len(scores) - want)[len(scores) - want]
+        top = np.flatnonzero(scores >= last)
+    else:
+        top = np.arange(len(scores))
+    return top[np.lexsort((ids[top], -scores[top]))][:want]
 
 
 @dataclass
@@ -147,8 +134,13 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, options: EngineParams | None = None,
-             overrides: dict | None = None, onnx: str | Path | None = None) -> "Engine":
+             overrides: dict | None = None, onnx: str | Path | None = None,
+             exact_batches: bool = False) -> "Engine":
         """Load a servable model folder with the engine settings it was evaluated with.
+
+        With ``int8``, the step of one stream runs PyTorch's fused int8 kernel; ``exact_batches``
+        asks for the kernel whose batched steps equal each stream's own (:mod:`nextword.quantize`),
+        which the keystroke simulation batches.
 
         ``options`` replaces those settings whole; ``overrides`` changes single ones (the CLI's flags).
         With ``backend: onnx`` the step runs the folder's exported graph (``model.int8.onnx`` with
@@ -162,7 +154,7 @@ class Engine:
         if options.backend == "onnx":
             backend = OnnxStep(onnx or onnx_file(model_dir, options.int8), model.config)
         elif options.int8:
-            model = quantize_int8(model)
+            model = quantize_int8(model) if exact_batches else fused_int8(model)
         banned = read_banned_words(options.banned_words)
         if servable.tokenizer.kind != WORD:
             from nextword.subword import SubwordEngine  # it builds on this module
@@ -172,29 +164,52 @@ class Engine:
         return cls(model, servable.vocab, servable.config, banned, servable.ngram, options, backend)
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether the backend steps many streams in one batch, each exactly as it steps one alone."""
+        return getattr(self.backend, "batch_invariant", False)
+
+    @property
     def caching(self) -> bool:
         """Whether sessions keep a cache of their conversation (either cache weight is set)."""
         return bool(self.options.cache_weight or self.options.cache_bigram_weight)
 
     def mix(self, log_probs: np.ndarray, history: tuple[int, ...], cache: "_Cache | None") -> np.ndarray:
         """The LSTM's next-token log-probs mixed with the n-gram after ``history`` and the conversation ``cache``."""
-        parts = []  # (weight, {id: count}) in the order they are mixed in
-        if cache is not None:
-            parts.append((self.options.cache_weight, cache.words))
-            parts.append((self.options.cache_bigram_weight, cache.followers.get(cache.last)))
-        parts = [(w, counts) for w, counts in parts if w and counts]
+        return self.mix_rows(log_probs[None], [history], [cache])[0]
+
+    def mix_rows(self, log_probs: np.ndarray, histories, caches) -> np.ndarray:
+        """:meth:`mix` of each row of ``[rows, vocabulary]`` log-probs, in one pass over the batch.
+
+        Every operation is elementwise or within a row, so a row comes out the same alone or in a batch.
+        """
+        weights = (self.options.cache_weight, self.options.cache_bigram_weight)
+        parts = []  # per part: (weight, the rows it is mixed into, their {id: count})
+        for part, w in enumerate(weights):
+            rows, counts = [], []
+            for row, cache in enumerate(caches):
+                found = None if cache is None else (cache.words if part == 0 else cache.followers.get(cache.last))
+                if w and found:
+                    rows.append(row)
+                    counts.append(found)
+            if rows:
+                parts.append((w, rows, counts))
         if self.ngram is None and not parts:
             return log_probs
         p = np.exp(log_probs)
         if self.ngram is not None:
             a = self.options.ngram_weight
             p *= 1 - a
-            p += self.ngram.next_probs([history], dtype=np.float32, scale=a)[0]
-        for w, counts in parts:
-            ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-            n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-            p *= 1 - w
-            p[ids] += w * n / n.sum()
+            p += self.ngram.next_probs(histories, dtype=np.float32, scale=a)
+        for w, rows, counts in parts:
+            keep = np.ones((len(p), 1), dtype=np.float32)  # times 1 is exact: rows without the part are unchanged
+            keep[rows] = 1 - w
+            p *= keep
+            ids = [np.fromiter(c.keys(), dtype=np.int64, count=len(c)) for c in counts]
+            n = [np.fromiter(c.values(), dtype=np.float32, count=len(c)) for c in counts]
+            lengths = [len(c) for c in counts]
+            # Each row's share of w, w * n / n.sum() row by row; a row's ids are distinct, so a plain add is exact.
+            totals = np.repeat(np.array([x.sum() for x in n], dtype=np.float32), lengths)
+            p[np.repeat(rows, lengths), np.concatenate(ids)] += w * np.concatenate(n) / totals
         return np.log(p, out=p)
 
     def run(self, token_ids: list[int], state):
@@ -524,14 +539,7 @@ class Session:
         if want <= 0:
             return []
         scores = dist.sorted_scores[lo:hi]
-        if want == hi - lo:
-            top = np.arange(want)
-        elif hi - lo > 2048:  # a short prefix: torch's top-k is several times faster than argpartition here
-            top = torch.topk(torch.from_numpy(scores), want, sorted=False).indices.numpy()
-        else:
-            top = np.argpartition(-scores, want - 1)[:want]
-        ids = engine.sorted_ids[lo:hi]
-        top = top[np.lexsort((ids[top], -scores[top]))]
+        top = best(scores, engine.sorted_ids[lo:hi], want)
         words, log_total = engine.sorted_words, dist.log_total
         if prefix:  # the probability given the letters typed: over the words that start with them
             wide = scores.astype(np.float64)

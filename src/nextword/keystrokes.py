@@ -28,6 +28,18 @@ are comparable with other engines:
   is the one of the engine's own setting.
 
 Top-1/top-3 accuracy is over word tokens, from the suggestions at ``i = 0``.
+
+Conversations are independent, so :func:`simulate_batched` types many at
+once: their committed tokens run through the model in one batched step, the
+n-gram and cache are mixed in for the whole batch, and a word's cost is read
+from its rank among the words that start with each prefix (with
+``skip_rejected``, less the words shown at shorter prefixes), not from one
+strip after another. It gives exactly the counts :func:`simulate` gives,
+which asks the engine's sessions as a person would, because every row of the
+batched step is bit for bit the step of that stream alone: that holds for the
+PyTorch step with int8 weights (:mod:`nextword.quantize`, the engine's
+default), and with any other the conversations are typed one at a time.
+
 Latency is per keystroke: the time from a keystroke to its suggestions being
 ready, on one CPU thread, as wall-clock time and as the thread's CPU time
 (which a busy, shared machine does not inflate). The keystroke that commits a word (or the start of a
@@ -37,22 +49,27 @@ a word pays only for the prefix lookup.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
-from nextword.engine import Engine
+from nextword.engine import Engine, _Cache, best
+from nextword.errors import NextwordError
 from nextword.text import is_word, tokenize
 from nextword.vocab import SPEAKER_TAG
+from nextword.windows import MESSAGE_END, message_head
 
 Conversation = Sequence[tuple[str, str]]  # (speaker, text) messages in order
 
 
 @dataclass
-class KeystrokeReport:
+class Savings:
     conversations: int
     messages: int
     words: int
@@ -63,14 +80,64 @@ class KeystrokeReport:
     ksr_skip_rejected: float  # it hides them, for a typist who read it after every letter
     top1: float
     top3: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class KeystrokeReport(Savings):
+    """The savings, and the latency of each keystroke, from typing one conversation at a time."""
+
     latency_p50_ms: float  # wall-clock time
     latency_p99_ms: float
     cpu_p50_ms: float  # CPU time of this thread: the wall time on an otherwise idle machine
     cpu_p99_ms: float
     latency_keystrokes: int  # how many keystrokes were timed
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def savings(self) -> Savings:
+        return Savings(**{f.name: getattr(self, f.name) for f in fields(Savings)})
+
+
+@dataclass
+class _Tally:
+    """Counts of a simulation, summed word by word."""
+
+    skip_rejected: bool  # the engine's own setting, which ``keystrokes`` and ``ksr`` follow
+    conversations: int = 0
+    messages: int = 0
+    words: int = 0
+    cost_show: int = 0  # keystrokes when the strip shows rejected words again
+    cost_skip: int = 0  # when it skips them
+    cost_without: int = 0
+    top1: int = 0
+    top3: int = 0
+
+    def word(self, word: str, cost_show: int, cost_skip: int, top1: bool, top3: bool) -> None:
+        self.words += 1
+        self.cost_show += cost_show
+        self.cost_skip += cost_skip
+        self.cost_without += len(word) + 1
+        self.top1 += top1
+        self.top3 += top3
+
+    @classmethod
+    def total(cls, tallies: list["_Tally"], skip_rejected: bool) -> "_Tally":
+        total = cls(skip_rejected)
+        for name in (f.name for f in fields(cls) if f.name != "skip_rejected"):
+            setattr(total, name, sum(getattr(t, name) for t in tallies))
+        return total
+
+    def savings(self) -> Savings:
+        def ratio(keystrokes: int) -> float:
+            return 1 - keystrokes / self.cost_without if self.cost_without else 0.0
+
+        words = self.words
+        return Savings(self.conversations, self.messages, words,
+                       self.cost_skip if self.skip_rejected else self.cost_show, self.cost_without,
+                       ratio(self.cost_skip if self.skip_rejected else self.cost_show),
+                       ratio(self.cost_show), ratio(self.cost_skip),
+                       self.top1 / words if words else 0.0, self.top3 / words if words else 0.0)
 
 
 def word_cost(word: str, suggestions_after: Callable[[str], Sequence[str]]) -> int:
@@ -104,7 +171,11 @@ def simulate(
     k: int = 3,
     max_conversations: int | None = None,
 ) -> KeystrokeReport:
-    """Type every message of ``conversations`` with ``k`` suggestions shown; see the module docstring."""
+    """Type every message of ``conversations`` with ``k`` suggestions shown, one conversation at a time.
+
+    This asks the engine's sessions as the keyboard does, and times every keystroke on this thread;
+    see the module docstring.
+    """
     if isinstance(conversations, pd.DataFrame):
         conversations = conversations_from_table(conversations)
     clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
@@ -114,18 +185,14 @@ def simulate(
         warm.suggest("", k)
     latencies: list[int] = []
     cpu_times: list[int] = []
-    n_conversations = n_messages = words = cost = cost_without = top1 = top3 = 0
     skip = engine.options.skip_rejected
-    cost_other = 0  # with the other skip_rejected setting: the strips are lookups in the same distributions
-    for conversation in conversations:
-        if max_conversations is not None and n_conversations >= max_conversations:
-            break
-        n_conversations += 1
+    tally = _Tally(skip)
+    for conversation in itertools.islice(conversations, max_conversations):
+        tally.conversations += 1
         session = engine.session()
         for speaker, text in conversation:
-            if speaker not in SPEAKER_TAG:
-                raise ValueError(f"speaker {speaker!r} is not 'user' or 'agent'")
-            n_messages += 1
+            _check_speaker(speaker)
+            tally.messages += 1
             session.start_message(speaker)
             for token in tokenize(text):
                 if is_word(token):
@@ -140,31 +207,18 @@ def simulate(
                             shown_first[:] = shown
                         return shown
 
-                    words += 1
-                    cost += word_cost(token, suggestions_after)
-                    cost_other += word_cost(token, lambda prefix: [
+                    cost = word_cost(token, suggestions_after)
+                    cost_other = word_cost(token, lambda prefix: [
                         s.word for s in session.suggest(prefix, k, typing=True, skip_rejected=not skip)])
-                    cost_without += len(token) + 1
-                    top1 += bool(shown_first) and shown_first[0] == token
-                    top3 += token in shown_first
+                    tally.word(token, cost_other if skip else cost, cost if skip else cost_other,
+                               bool(shown_first) and shown_first[0] == token, token in shown_first)
                 session.feed(token)  # run through the model when the next suggestions are shown
             session.end_message()
-    def ratio(keystrokes: int) -> float:
-        return 1 - keystrokes / cost_without if cost_without else 0.0
 
     lat = np.array(latencies, dtype=np.float64) / 1e6
     cpu = np.array(cpu_times, dtype=np.float64) / 1e6
     return KeystrokeReport(
-        conversations=n_conversations,
-        messages=n_messages,
-        words=words,
-        keystrokes=cost,
-        keystrokes_without=cost_without,
-        ksr=ratio(cost),
-        ksr_show_rejected=ratio(cost_other if skip else cost),
-        ksr_skip_rejected=ratio(cost if skip else cost_other),
-        top1=top1 / words if words else 0.0,
-        top3=top3 / words if words else 0.0,
+        **tally.savings().to_dict(),
         latency_p50_ms=float(np.percentile(lat, 50)) if len(lat) else 0.0,
         latency_p99_ms=float(np.percentile(lat, 99)) if len(lat) else 0.0,
         cpu_p50_ms=float(np.percentile(cpu, 50)) if len(cpu) else 0.0,
@@ -172,6 +226,180 @@ def simulate(
         latency_keystrokes=len(lat),
     )
 
+
+def _check_speaker(speaker: str) -> None:
+    if speaker not in SPEAKER_TAG:
+        raise NextwordError(f"speaker {speaker!r} is not 'user' or 'agent'")
+
+
+def simulate_batched(
+    engine: Engine,
+    conversations: pd.DataFrame | Iterable[Conversation],
+    k: int = 3,
+    max_conversations: int | None = None,
+    batch_size: int = 128,
+    processes: int = 1,
+) -> Savings:
+    """:func:`simulate`'s counts, typing up to ``batch_size`` conversations at once (no latency).
+
+    ``processes`` > 1 shares the conversations among that many forked processes, each batching its
+    own. With a backend that is not batch-invariant (float32 weights, ONNX Runtime) the conversations
+    are typed one at a time, through :func:`simulate`.
+    """
+    if isinstance(conversations, pd.DataFrame):
+        conversations = conversations_from_table(conversations)
+    conversations = list(itertools.islice(conversations, max_conversations))
+    if not engine.batch_invariant:
+        return simulate(engine, conversations, k).savings()
+    if processes < 2 or len(conversations) < 2:
+        return _batched(engine, conversations, k, batch_size).savings()
+    import concurrent.futures
+    import multiprocessing
+
+    # Dealt out longest first, so that each process gets as much typing, and its longest conversations early.
+    by_length = sorted(conversations, key=lambda c: sum(len(text) for _, text in c), reverse=True)
+    shares = [by_length[i::processes] for i in range(processes)]
+    # Forked, the processes share the loaded engine instead of each loading it again.
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                                initializer=_share_engine, initargs=(engine,)) as pool:
+        tallies = list(pool.map(_batched_share, shares, itertools.repeat(k), itertools.repeat(batch_size)))
+    return _Tally.total(tallies, engine.options.skip_rejected).savings()
+
+
+_shared_engine: Engine | None = None  # the engine of a process forked by simulate_batched
+
+
+def _share_engine(engine: Engine) -> None:
+    global _shared_engine
+    _shared_engine = engine
+
+
+def _batched_share(conversations: list[Conversation], k: int, batch_size: int) -> "_Tally":
+    return _batched(_shared_engine, conversations, k, batch_size)
+
+
+def _batched(engine: Engine, conversations: list[Conversation], k: int, batch_size: int) -> "_Tally":
+    """The tally of typing ``conversations`` in batches of up to ``batch_size``, in this process."""
+    tally = _Tally(engine.options.skip_rejected)
+    scorer = _Scorer(engine, k)
+    # The longest first: a conversation's words are typed one after another, so the longest sets the number
+    # of batched steps, and the others fill the batch beside it. The counts are sums, in any order.
+    scripts = sorted((_script(engine, conversation, tally) for conversation in conversations), key=len, reverse=True)
+    waiting = (_Stream(script) for script in scripts if script)
+    active: list[_Stream] = []
+    while True:
+        active = [s for s in active if s.at < len(s.script)]
+        active += itertools.islice(waiting, batch_size - len(active))
+        if not active:
+            break
+        steps = [s.script[s.at] for s in active]
+        log_probs, states = engine.backend.run_batch([ids for ids, _ in steps], [s.state for s in active])
+        for stream, (ids, _), state in zip(active, steps, states):
+            stream.state = state
+            stream.history = engine.extend_history(stream.history, ids)
+            if engine.caching:
+                stream.cache = stream.cache.extended(ids, engine.blocked_suggest)
+            stream.at += 1
+        mixed = engine.mix_rows(log_probs, [s.history for s in active], [s.cache for s in active])
+        scorer.score(mixed, [word for _, word in steps], tally)
+    return tally
+
+
+@dataclass
+class _Stream:
+    """One conversation in a batched simulation: its steps, how many are done, and what a session would hold."""
+
+    script: list  # (ids committed since the last word, the word typed next), as _script gives them
+    at: int = 0
+    state: object = None
+    history: tuple = ()
+    cache: _Cache = _Cache()
+
+
+def _script(engine: Engine, conversation: Conversation, tally: _Tally) -> list[tuple[list[int], str]]:
+    """The words of a conversation, each with the ids committed before it, as a session queues them."""
+    vocab, steps, pending = engine.vocab, [], []
+    tally.conversations += 1
+    for speaker, text in conversation:
+        _check_speaker(speaker)
+        tally.messages += 1
+        pending += [vocab.id(t) for t in message_head(speaker, engine.speaker_tags)]
+        for token in tokenize(text):
+            if is_word(token):
+                steps.append((pending, token))
+                pending = []
+            pending.append(vocab.id(token))
+        pending.append(vocab.id(MESSAGE_END))
+    return steps
+
+
+class _Scorer:
+    """The cost of each word of a batch, read from the next-token distributions.
+
+    A word of ``k`` suggestions is shown after a prefix when fewer than ``k``
+    words that start with the prefix rank above it (higher log-probability, or
+    equal and a lower id, the order of ``engine.best``); with ``skip_rejected``
+    the words shown at shorter prefixes, which all rank above it, leave their
+    places free, so they are worked out (by ``best``, as the session does).
+    """
+
+    def __init__(self, engine: Engine, k: int):
+        self.engine, self.k = engine, k
+        self.words: dict[str, tuple[int, list[tuple[int, int]]]] = {}
+
+    def word(self, word: str) -> tuple[int, list[tuple[int, int]]]:
+        """Where ``word`` sits among the suggestable words (-1: not one), and the range of each prefix."""
+        found = self.words.get(word)
+        if found is None:
+            sorted_words = self.engine.sorted_words
+            at = bisect.bisect_left(sorted_words, word)
+            at = at if at < len(sorted_words) and sorted_words[at] == word else -1
+            found = self.words[word] = (at, [self.engine.prefix_range(word[:i]) for i in range(len(word))])
+        return found
+
+    def score(self, log_probs: np.ndarray, words: list[str], tally: _Tally) -> None:
+        k, ids = self.k, self.engine.sorted_ids
+        places = [self.word(w) for w in words]
+        rows = [row for row, (at, _) in enumerate(places) if at >= 0]
+        for row, word in enumerate(words):
+            if places[row][0] < 0:  # out of the vocabulary, or never suggested: typed in full
+                tally.word(word, len(word) + 1, len(word) + 1, False, False)
+        if not rows:
+            return
+        at = np.array([places[row][0] for row in rows])
+        scores = np.take(log_probs[rows], ids, axis=1)
+        own = scores[np.arange(len(rows)), at][:, None]
+        above = scores > own
+        tied = scores == own
+        if np.count_nonzero(tied) > len(rows):  # a word ties with the one typed: the lower id ranks above
+            above |= tied & (ids[None, :] < ids[at][:, None])
+        first = np.count_nonzero(above, axis=1)  # rank before the first letter
+        # The k-th highest score of each row, for the first strip that skip_rejected hides words from.
+        behind = np.flatnonzero(first >= k)
+        last = {}
+        if len(behind) and k < len(ids):
+            top = torch.topk(torch.from_numpy(scores[behind]), k, dim=1).values[:, -1].numpy()
+            last = dict(zip(behind.tolist(), top.tolist()))
+        for i, row in enumerate(rows):
+            word, ranges = words[row], places[row][1]
+            ranks = [int(first[i])]  # at each prefix, until the word is shown (skipping words shows it no later)
+            while ranks[-1] >= k and len(ranks) < len(ranges):
+                lo, hi = ranges[len(ranks)]
+                ranks.append(int(np.count_nonzero(above[i, lo:hi])))
+            shown = len(ranks) if ranks[-1] < k else len(word) + 1
+            skipped = self._skip_cost(scores[i], ranks, ranges, len(word) + 1, last.get(i))
+            tally.word(word, shown, skipped, ranks[0] == 0, ranks[0] < k)
+
+    def _skip_cost(self, scores: np.ndarray, ranks: list[int], ranges, without: int, last: float | None) -> int:
+        k, ids = self.k, self.engine.sorted_ids
+        rejected: list[int] = []  # places of the words shown so far, all ranked above the word typed
+        for j, ((lo, hi), rank) in enumerate(zip(ranges, ranks)):
+            inside = sum(lo <= place < hi for place in rejected)
+            if rank - inside < k:
+                return j + 1
+            top = lo + best(scores[lo:hi], ids[lo:hi], k + inside, last if j == 0 else None)
+            rejected += [place for place in top.tolist() if place not in rejected][:k]
+        return without
 
 
 @dataclass

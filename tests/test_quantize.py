@@ -1,0 +1,66 @@
+"""int8 weights quantized per row: a stream's step is the same numbers alone or in a batch."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import model_config
+from nextword.backends import TorchStep
+from nextword.errors import NextwordError
+from nextword.model import LanguageModel
+from nextword.quantize import quantize_int8
+
+# Steps of different lengths (ids committed at once), as streams typing different things have them.
+STEPS = [[5, 6, 7], [8], [9, 10], [11], [3, 4, 12, 13]]
+
+
+def int8_step(cell: str, adaptive: bool, hidden: int = 64) -> TorchStep:
+    torch.manual_seed(0)
+    config = model_config(40, cell=cell, embedding=32, hidden=hidden, layers=2, adaptive_softmax=adaptive,
+                          cutoffs=[10, 20])
+    return TorchStep(quantize_int8(LanguageModel(config).eval()))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_batched_step_gives_each_stream_exactly_its_own_step(cell, adaptive):
+    step = int8_step(cell, adaptive)
+    assert step.batch_invariant
+    states = [None] * len(STEPS)
+    alone = list(states)
+    for _ in range(2):  # from no state, then from the states the first step left
+        batch, states = step.run_batch(STEPS, states)
+        for row, ids in enumerate(STEPS):
+            log_probs, alone[row] = step.run(ids, alone[row])
+            np.testing.assert_array_equal(batch[row], log_probs)  # bit for bit, not approximately
+            for ours, theirs in zip(*(s if cell == "lstm" else (s,) for s in (states[row], alone[row]))):
+                assert torch.equal(ours, theirs)
+
+
+def test_int8_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = LanguageModel(model_config(40, embedding=32, hidden=64, layers=2)).eval()
+    ids = torch.tensor([STEPS[-1]])
+    with torch.no_grad():
+        exact = model.log_probs(model.features(ids)[0])
+        quantized = quantize_int8(model)
+        approx = quantized.log_probs(quantized.features(ids)[0])
+    assert (approx - exact).abs().max() < 0.05
+
+
+def test_a_hidden_size_that_is_not_a_multiple_of_64_is_not_batched():
+    step = int8_step("lstm", False, hidden=96)
+    assert not step.batch_invariant  # the elementwise kernels' scalar tails could differ in the last bit
+    with pytest.raises(NextwordError, match="depends on its batch"):
+        step.run_batch(STEPS, [None] * len(STEPS))
+
+
+def test_int8_products_are_summed_exactly():
+    # What the batch-invariance rests on: int8 x int8 summed in int32, on this machine's kernels too.
+    a = torch.full((3, 1024), -127, dtype=torch.int8)
+    a[1] = 127
+    a[2, ::2] = 127
+    w = torch.full((1024, 24), 127, dtype=torch.int8)
+    expected = a.double() @ w.double()
+    assert torch.equal(torch._int_mm(a, w).double(), expected)
+    assert torch.equal(torch._int_mm(a[:1], w).double(), expected[:1])
