@@ -386,6 +386,18 @@ def test_a_model_folder_with_an_ngram_is_loaded_with_it(tiny_model_dir, tmp_path
 # ---------------------------------------------------------------- every model.cell behind the same engine
 
 
+def assert_rescored_as_stepping_would(engine, session, candidates, right) -> None:
+    """The batched right-context scores equal stepping through each candidate and the right tokens one by one."""
+    batched = engine.right_log_probs(session.state, session._history, candidates, right)
+    for candidate, total in zip(candidates, batched):
+        log_probs, state = engine.step(int(candidate), (session.state, session._history))
+        expected = 0.0
+        for token in right:
+            expected += log_probs[token]
+            log_probs, state = engine.step(token, state)
+        assert total == pytest.approx(expected, abs=1e-4)
+
+
 @pytest.mark.parametrize("cell", ["gru", "lnlstm", "transformer"])
 def test_every_cell_serves_the_engine_with_its_state_carried(cell, tmp_path):
     model, vocab = train_tiny_model(steps=40, cell=cell)
@@ -407,14 +419,7 @@ def test_every_cell_serves_the_engine_with_its_state_carried(cell, tmp_path):
     # fill-in-the-middle batches its candidates from the carried state: each as stepping through it gives
     right = engine.right_ids(" ?", inside_word=False)
     candidates = np.array([engine.vocab.id(w) for w in ("fun", "work")])
-    batched = engine.right_log_probs(session.state, session._history, candidates, right)
-    for candidate, total in zip(candidates, batched):
-        log_probs, state = engine.step(int(candidate), (session.state, session._history))
-        expected = 0.0
-        for token in right:
-            expected += log_probs[token]
-            log_probs, state = engine.step(token, state)
-        assert total == pytest.approx(expected, abs=1e-4)
+    assert_rescored_as_stepping_would(engine, session, candidates, right)
     quantized = Engine.load(folder, options=PLAIN.model_copy(update={"int8": True}))
     small = quantized.session()
     for speaker, text in HISTORY:
@@ -466,14 +471,7 @@ def test_fill_in_scores_each_candidate_as_stepping_through_it_would(fim_engine, 
     right = engine.right_ids(" wine .", inside_word=False)
     assert engine.vocab.decode(right) == ["wine", ".", "<EOS>"]  # all of it fits: the message ends there
     candidates = np.array([engine.vocab.id(w) for w in ("green", "red", "tea")])
-    batched = engine.right_log_probs(session.state, session._history, candidates, right)
-    for candidate, total in zip(candidates, batched):
-        log_probs, state = engine.step(int(candidate), (session.state, session._history))
-        expected = 0.0
-        for token in right:
-            expected += log_probs[token]
-            log_probs, state = engine.step(token, state)
-        assert total == pytest.approx(expected, abs=1e-4)
+    assert_rescored_as_stepping_would(engine, session, candidates, right)
 
 
 def test_only_the_first_right_tokens_are_read(fim_engine):
