@@ -89,13 +89,8 @@ class TorchStep:
             raise NextwordError("this model's step depends on its batch; run the streams one at a time")
         order = sorted(range(len(token_ids)), key=lambda row: -len(token_ids[row]))
         lengths = [len(token_ids[row]) for row in order]
-        zero = self.model.init_state(1)
         lstm = self.model.config.cell == "lstm"
-        parts = [zero if states[row] is None else states[row] for row in order]
-        if lstm:
-            state = (torch.cat([h for h, _ in parts], 1), torch.cat([c for _, c in parts], 1))
-        else:
-            state = torch.cat(parts, 1)
+        state = self.model.stack_states([states[row] for row in order])
         ids = torch.zeros(len(order), lengths[0], dtype=torch.long)
         for i, row in enumerate(order):
             ids[i, : lengths[i]] = torch.tensor(token_ids[row])
@@ -116,8 +111,8 @@ class TorchStep:
                 last[ending] = feats[ending, 0]
             log_probs = self.model.log_probs(last).numpy()
         new_states = [None] * len(order)
-        for i, row in enumerate(order):
-            new_states[row] = (state[0][:, i:i + 1], state[1][:, i:i + 1]) if lstm else state[:, i:i + 1]
+        for row, one in zip(order, self.model.split_state(state)):
+            new_states[row] = one
         return log_probs[np.argsort(order)], new_states
 
 
