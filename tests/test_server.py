@@ -399,9 +399,10 @@ def test_serve_with_two_workers_answers_with_the_totals_of_both(tiny_model_dir, 
                 pass
             assert time.monotonic() < deadline, "the server did not answer"
             time.sleep(0.2)
-        children = subprocess.run(["ps", "-o", "args=", "--ppid", str(proc.pid)], capture_output=True,
+        # -ww: without a terminal ps cuts each line at 80 columns, before "spawn_main" on a long venv path
+        children = subprocess.run(["ps", "-ww", "-o", "args=", "--ppid", str(proc.pid)], capture_output=True,
                                   text=True).stdout.splitlines()
-        assert sum("spawn_main" in child for child in children) == 2, children  # uvicorn's worker processes
+        assert sum("spawn_main" in child for child in children) == 2, children  # the worker processes
         event = {"type": "accepted", "word": "you", "rank": 1, "via": "click"}
         counts = [request(f"{url}/api/events", {"events": [event]})[1]["accepted"] for _ in range(12)]
         assert counts == list(range(1, 13))  # each answer counts the events the other worker took too
