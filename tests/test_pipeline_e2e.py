@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from dvc_project import all_runs, make_project, mlflow_client
+from nextword.modeldir import load_trained
 
 DATA_STAGES = {"ingest", "tokenize", "vocab", "window", "baseline"}
 
@@ -64,6 +65,9 @@ def test_repro_then_experiments_then_param_changes(project):
         assert metrics[split]["tokens"] > 0 and 1 < metrics[split]["perplexity"] < 10_000
         assert 0 <= metrics[split]["top1"] <= metrics[split]["top3"] <= 1
     assert metrics["keystrokes"]["words"] > 0 and 0 <= metrics["keystrokes"]["ksr"] < 1
+    folder = sum(f.stat().st_size for f in (repo / "models/model").rglob("*") if f.is_file())
+    assert metrics["size"]["folder_bytes"] == folder and metrics["size"]["parameters"] == sum(
+        p.numel() for p in load_trained(repo / "models/model")[0].parameters())
     assert json.loads((repo / "reports/latency.json").read_text())["latency_p99_ms"] > 0
     curves = (repo / "reports/epochs.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,") and len(curves) == 31  # header + 30 epochs of the toy preset

@@ -11,7 +11,8 @@ engine's batch-exact int8 kernel (``nextword.quantize``), for the counts one
 stream at a time would give; and, on the same conversations, the share of
 words outside the word vocabulary (``vocab.*`` on the train split) and how
 many of those the engine completes (``nextword.oov``), which only a subword
-model can. Keystroke latency
+model can; and the model's size: its parameters and the bytes of the model
+folder as served. Keystroke latency
 depends on the machine, so it goes to ``reports/latency.json``, not into the
 metrics that `dvc exp show` compares: it is timed on one stream and one
 thread, typing the first ``evaluate.latency_conversations`` test
@@ -25,6 +26,7 @@ conversations, with the other settings as served.
 import csv
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -87,6 +89,8 @@ def main(args, params):
     train_words = map(tokenize, messages.loc[messages["split"] == "train", "text"])
     vocabulary = Vocab.build(train_words, params.vocab.min_freq, params.vocab.max_size).index
     metrics["oov"] = oov_report(engine, test, vocabulary, k=k, max_conversations=e.ksr_conversations or None).to_dict()
+    metrics["size"] = {"parameters": sum(p.numel() for p in model.parameters()),
+                       "folder_bytes": sum(f.stat().st_size for f in Path(args.model).rglob("*") if f.is_file())}
     served = Engine.load(args.model)  # the served step, timed as a keyboard types: one stream, one thread
     timed = simulate(served, test, k=k, max_conversations=e.latency_conversations)
     latency = {name: getattr(timed, name) for name in ("latency_p50_ms", "latency_p99_ms", "cpu_p50_ms", "cpu_p99_ms",
