@@ -12,7 +12,7 @@ import pytest
 from conftest import ENGINE, PLAIN, TINY_CONVERSATION, save_servable, train_tiny_model
 from nextword.config import TokenizerParams
 from nextword.engine import Engine
-from nextword.keystrokes import simulate
+from nextword.keystrokes import simulate, simulate_batched
 from nextword.oov import oov_report
 from nextword.subword import SubwordEngine
 from nextword.text import tokenize
@@ -153,3 +153,10 @@ def test_the_onnx_backend_suggests_the_same_words(subword_dir, tmp_path):
         session.type_text("agent", "good morning , how are ")
         strips.append([words(session.suggest(prefix, 3)) for prefix in ("", "y", "t", "mar")])
     assert strips[0] == strips[1]
+
+
+def test_the_batched_simulation_of_a_subword_engine_counts_what_typing_one_stream_gives(subword_dir):
+    """Its words are searched over pieces, which the batched scorer of whole-word ids cannot do."""
+    conversations = [TINY_CONVERSATION, CONVERSATION + [("agent", "good morning marvin")]]
+    engine = Engine.load(subword_dir, exact_batches=True)
+    assert simulate_batched(engine, conversations, processes=2) == simulate(engine, conversations).savings()

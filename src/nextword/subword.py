@@ -100,6 +100,12 @@ class SubwordEngine(Engine):
         self.blocked_complete[[vocab.id(t) for t in (PAD, UNK, BOS, USER, AGENT)]] = True
 
     @property
+    def batch_invariant(self) -> bool:
+        """False: the batched keystroke simulation ranks whole-word ids in one step, and a word here is a
+        search over pieces, so :func:`nextword.keystrokes.simulate_batched` types one stream at a time."""
+        return False
+
+    @property
     def caching(self) -> bool:
         return False  # no cache of piece ids: the session keeps one of whole words
 
