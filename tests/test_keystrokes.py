@@ -165,6 +165,17 @@ def test_batched_simulation_counts_exactly_what_one_stream_counts(batch_engine_d
     assert simulate_batched(engine, BATCH_CONVERSATIONS, processes=2) == one
     first_two = simulate_batched(engine, BATCH_CONVERSATIONS, max_conversations=2)
     assert first_two == simulate(engine, BATCH_CONVERSATIONS[:2]).savings()
+    # Words outside a vocabulary are counted apart, the same way in both (here some are completed).
+    vocabulary = {"the", "a", "you", "i", "is"}
+    outside = simulate(engine, BATCH_CONVERSATIONS, vocabulary=vocabulary).savings()
+    assert outside.oov_words < one.words and 0 < outside.oov_completed < outside.oov_words
+    assert simulate_batched(engine, BATCH_CONVERSATIONS, batch_size=2, processes=2, vocabulary=vocabulary) == outside
+
+
+def test_an_engine_that_is_not_batch_invariant_is_shared_among_processes_all_the_same(fixed_engine):
+    engine = fixed_engine(LOGITS)
+    conversations = [CONVERSATION, [("user", "cat")], CONVERSATION]
+    assert simulate_batched(engine, conversations, processes=2) == simulate(engine, conversations).savings()
 
 
 def test_batched_simulation_types_one_at_a_time_where_a_batch_would_change_the_numbers(fixed_engine):

@@ -53,7 +53,7 @@ import bisect
 import itertools
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,6 +80,8 @@ class Savings:
     ksr_skip_rejected: float  # it hides them, for a typist who read it after every letter
     top1: float
     top3: float
+    oov_words: int  # words outside the vocabulary given to the simulation (none given: 0)
+    oov_completed: int  # of those, shown by the strip before they were typed in full (words passed over shown)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +106,7 @@ class _Tally:
     """Counts of a simulation, summed word by word."""
 
     skip_rejected: bool  # the engine's own setting, which ``keystrokes`` and ``ksr`` follow
+    vocabulary: Collection[str] | None = None  # words outside it are counted apart (see nextword.oov)
     conversations: int = 0
     messages: int = 0
     words: int = 0
@@ -112,6 +115,8 @@ class _Tally:
     cost_without: int = 0
     top1: int = 0
     top3: int = 0
+    oov_words: int = 0
+    oov_completed: int = 0
 
     def word(self, word: str, cost_show: int, cost_skip: int, top1: bool, top3: bool) -> None:
         self.words += 1
@@ -120,11 +125,14 @@ class _Tally:
         self.cost_without += len(word) + 1
         self.top1 += top1
         self.top3 += top3
+        if self.vocabulary is not None and word not in self.vocabulary:
+            self.oov_words += 1
+            self.oov_completed += cost_show <= len(word)
 
     @classmethod
     def total(cls, tallies: list["_Tally"], skip_rejected: bool) -> "_Tally":
         total = cls(skip_rejected)
-        for name in (f.name for f in fields(cls) if f.name != "skip_rejected"):
+        for name in (f.name for f in fields(cls) if f.name not in ("skip_rejected", "vocabulary")):
             setattr(total, name, sum(getattr(t, name) for t in tallies))
         return total
 
@@ -137,7 +145,8 @@ class _Tally:
                        self.cost_skip if self.skip_rejected else self.cost_show, self.cost_without,
                        ratio(self.cost_skip if self.skip_rejected else self.cost_show),
                        ratio(self.cost_show), ratio(self.cost_skip),
-                       self.top1 / words if words else 0.0, self.top3 / words if words else 0.0)
+                       self.top1 / words if words else 0.0, self.top3 / words if words else 0.0,
+                       self.oov_words, self.oov_completed)
 
 
 def word_cost(word: str, suggestions_after: Callable[[str], Sequence[str]]) -> int:
@@ -170,24 +179,41 @@ def simulate(
     conversations: pd.DataFrame | Iterable[Conversation],
     k: int = 3,
     max_conversations: int | None = None,
+    vocabulary: Collection[str] | None = None,
 ) -> KeystrokeReport:
     """Type every message of ``conversations`` with ``k`` suggestions shown, one conversation at a time.
 
     This asks the engine's sessions as the keyboard does, and times every keystroke on this thread;
-    see the module docstring.
+    see the module docstring. With a ``vocabulary``, the words outside it are counted apart too.
     """
     if isinstance(conversations, pd.DataFrame):
         conversations = conversations_from_table(conversations)
-    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     warm = engine.session()  # the first calls into torch are slow; keep them out of the timings
     for speaker in SPEAKER_TAG:
         warm.start_message(speaker)
         warm.suggest("", k)
     latencies: list[int] = []
     cpu_times: list[int] = []
+    tally = _typed(engine, itertools.islice(conversations, max_conversations), k, vocabulary, latencies, cpu_times)
+    lat = np.array(latencies, dtype=np.float64) / 1e6
+    cpu = np.array(cpu_times, dtype=np.float64) / 1e6
+    return KeystrokeReport(
+        **tally.savings().to_dict(),
+        latency_p50_ms=float(np.percentile(lat, 50)) if len(lat) else 0.0,
+        latency_p99_ms=float(np.percentile(lat, 99)) if len(lat) else 0.0,
+        cpu_p50_ms=float(np.percentile(cpu, 50)) if len(cpu) else 0.0,
+        cpu_p99_ms=float(np.percentile(cpu, 99)) if len(cpu) else 0.0,
+        latency_keystrokes=len(lat),
+    )
+
+
+def _typed(engine: Engine, conversations: Iterable[Conversation], k: int, vocabulary: Collection[str] | None,
+           latencies: list[int], cpu_times: list[int]) -> "_Tally":
+    """The tally of typing ``conversations`` through the engine's sessions, timing each strip into the lists."""
+    clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
     skip = engine.options.skip_rejected
-    tally = _Tally(skip)
-    for conversation in itertools.islice(conversations, max_conversations):
+    tally = _Tally(skip, vocabulary)
+    for conversation in conversations:
         tally.conversations += 1
         session = engine.session()
         for speaker, text in conversation:
@@ -214,17 +240,13 @@ def simulate(
                                bool(shown_first) and shown_first[0] == token, token in shown_first)
                 session.feed(token)  # run through the model when the next suggestions are shown
             session.end_message()
+    return tally
 
-    lat = np.array(latencies, dtype=np.float64) / 1e6
-    cpu = np.array(cpu_times, dtype=np.float64) / 1e6
-    return KeystrokeReport(
-        **tally.savings().to_dict(),
-        latency_p50_ms=float(np.percentile(lat, 50)) if len(lat) else 0.0,
-        latency_p99_ms=float(np.percentile(lat, 99)) if len(lat) else 0.0,
-        cpu_p50_ms=float(np.percentile(cpu, 50)) if len(cpu) else 0.0,
-        cpu_p99_ms=float(np.percentile(cpu, 99)) if len(cpu) else 0.0,
-        latency_keystrokes=len(lat),
-    )
+
+def _one_at_a_time(engine: Engine, conversations: list[Conversation], k: int, batch_size: int,
+                   vocabulary: Collection[str] | None) -> "_Tally":
+    """:func:`_typed`, untimed: what :func:`simulate_batched` does with an engine that is not batch-invariant."""
+    return _typed(engine, conversations, k, vocabulary, [], [])
 
 
 def _check_speaker(speaker: str) -> None:
@@ -239,20 +261,20 @@ def simulate_batched(
     max_conversations: int | None = None,
     batch_size: int = 128,
     processes: int = 1,
+    vocabulary: Collection[str] | None = None,
 ) -> Savings:
     """:func:`simulate`'s counts, typing up to ``batch_size`` conversations at once (no latency).
 
     ``processes`` > 1 shares the conversations among that many forked processes, each batching its
-    own. With a backend that is not batch-invariant (float32 weights, ONNX Runtime) the conversations
-    are typed one at a time, through :func:`simulate`.
+    own. With a backend that is not batch-invariant (float32 weights, ONNX Runtime) or a subword
+    engine, each process types its conversations one at a time, through the engine's sessions.
     """
     if isinstance(conversations, pd.DataFrame):
         conversations = conversations_from_table(conversations)
     conversations = list(itertools.islice(conversations, max_conversations))
-    if not engine.batch_invariant:
-        return simulate(engine, conversations, k).savings()
+    typed = _batched if engine.batch_invariant else _one_at_a_time
     if processes < 2 or len(conversations) < 2:
-        return _batched(engine, conversations, k, batch_size).savings()
+        return typed(engine, conversations, k, batch_size, vocabulary).savings()
     import concurrent.futures
     import multiprocessing
 
@@ -262,7 +284,8 @@ def simulate_batched(
     # Forked, the processes share the loaded engine instead of each loading it again.
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
                                                 initializer=_share_engine, initargs=(engine,)) as pool:
-        tallies = list(pool.map(_batched_share, shares, itertools.repeat(k), itertools.repeat(batch_size)))
+        tallies = list(pool.map(_typed_share, itertools.repeat(typed), shares, itertools.repeat(k),
+                                itertools.repeat(batch_size), itertools.repeat(vocabulary)))
     return _Tally.total(tallies, engine.options.skip_rejected).savings()
 
 
@@ -274,13 +297,15 @@ def _share_engine(engine: Engine) -> None:
     _shared_engine = engine
 
 
-def _batched_share(conversations: list[Conversation], k: int, batch_size: int) -> "_Tally":
-    return _batched(_shared_engine, conversations, k, batch_size)
+def _typed_share(typed, conversations: list[Conversation], k: int, batch_size: int,
+                 vocabulary: Collection[str] | None) -> "_Tally":
+    return typed(_shared_engine, conversations, k, batch_size, vocabulary)
 
 
-def _batched(engine: Engine, conversations: list[Conversation], k: int, batch_size: int) -> "_Tally":
+def _batched(engine: Engine, conversations: list[Conversation], k: int, batch_size: int,
+             vocabulary: Collection[str] | None = None) -> "_Tally":
     """The tally of typing ``conversations`` in batches of up to ``batch_size``, in this process."""
-    tally = _Tally(engine.options.skip_rejected)
+    tally = _Tally(engine.options.skip_rejected, vocabulary)
     scorer = _Scorer(engine, k)
     # The longest first: a conversation's words are typed one after another, so the longest sets the number
     # of batched steps, and the others fill the batch beside it. The counts are sums, in any order.

@@ -10,8 +10,8 @@ in the model folder, also with and without ``skip_rejected`` (see
 engine's batch-exact int8 kernel (``nextword.quantize``), for the counts one
 stream at a time would give; and, on the same conversations, the share of
 words outside the word vocabulary (``vocab.*`` on the train split) and how
-many of those the engine completes (``nextword.oov``), which only a subword
-model can; and the model's size: its parameters and the bytes of the model
+many of those the engine completes (``nextword.oov``, counted by the same
+simulation), which only a subword model can; and the model's size: its parameters and the bytes of the model
 folder as served. Keystroke latency
 depends on the machine, so it goes to ``reports/latency.json``, not into the
 metrics that `dvc exp show` compares: it is timed on one stream and one
@@ -37,7 +37,7 @@ from nextword.files import write_json, write_text
 from nextword.keystrokes import simulate, simulate_batched
 from nextword.metrics import evaluate, per_word
 from nextword.modeldir import load_trained
-from nextword.oov import oov_report
+from nextword.oov import OovReport
 from nextword.text import tokenize
 from nextword.vocab import Vocab
 from nextword.windows import table_word_targets
@@ -81,14 +81,14 @@ def main(args, params):
     test = messages[messages["split"] == "test"]
     engine = Engine.load(args.model, exact_batches=True)
     k = engine.options.suggestions
-    savings = simulate_batched(engine, test, k=k, max_conversations=e.ksr_conversations or None,
-                               processes=os.cpu_count() or 1)
-    metrics["keystrokes"] = {name: getattr(savings, name) for name in (
-        "conversations", "words", "ksr", "ksr_show_rejected", "ksr_skip_rejected", "top1", "top3")}
     # The word vocabulary the vocab params give on the train split, whatever the model's tokenizer.
     train_words = map(tokenize, messages.loc[messages["split"] == "train", "text"])
     vocabulary = Vocab.build(train_words, params.vocab.min_freq, params.vocab.max_size).index
-    metrics["oov"] = oov_report(engine, test, vocabulary, k=k, max_conversations=e.ksr_conversations or None).to_dict()
+    savings = simulate_batched(engine, test, k=k, max_conversations=e.ksr_conversations or None,
+                               processes=os.cpu_count() or 1, vocabulary=vocabulary)
+    metrics["keystrokes"] = {name: getattr(savings, name) for name in (
+        "conversations", "words", "ksr", "ksr_show_rejected", "ksr_skip_rejected", "top1", "top3")}
+    metrics["oov"] = OovReport.from_savings(savings).to_dict()
     metrics["size"] = {"parameters": sum(p.numel() for p in model.parameters()),
                        "folder_bytes": sum(f.stat().st_size for f in Path(args.model).rglob("*") if f.is_file())}
     served = Engine.load(args.model)  # the served step, timed as a keyboard types: one stream, one thread
