@@ -360,6 +360,9 @@ def test_the_ngram_mixes_in_after_the_last_ids_in_suggestions_and_completions(fi
     assert session.suggest("")[0].word == "cat"  # "the cat" in the counts outweighs the LSTM's "the"
     # Completions step through the same mixture: greedy follows the counts ("the cat <EOS>").
     assert session.complete("greedy", 5) == ["cat"]
+    alone = fixed_engine(WORDS, ngram=ngram, options=PLAIN.model_copy(update={"ngram_weight": 1.0})).session()
+    alone.type_text("user", "the ")  # weight 1: the n-gram alone, the baseline the engine is compared with
+    np.testing.assert_allclose(np.exp(alone.log_probs), ngram.next_probs([history])[0], rtol=1e-6, atol=1e-9)
 
 
 def test_a_model_folder_with_an_ngram_is_loaded_with_it(tiny_model_dir, tmp_path):

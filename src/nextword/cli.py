@@ -79,6 +79,13 @@ def weight(text: str) -> float:
     return value
 
 
+def ngram_weight(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def load_engine(args, exact_batches: bool = False):
     from nextword.engine import Engine
 
@@ -388,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         engine = p.add_argument_group(
             "engine settings", "each defaults to the setting the pipeline evaluated, stored in the model folder")
         engine.add_argument("--banned", metavar="FILE", help="banned-word list, one word per line")
-        engine.add_argument("--ngram-weight", type=weight, metavar="W", help="weight of the n-gram in the mix (0: off)")
+        engine.add_argument("--ngram-weight", type=ngram_weight, metavar="W",
+                            help="weight of the n-gram in the mix (0: off; 1: the n-gram alone, a baseline)")
         engine.add_argument("--cache-weight", type=weight, metavar="W", help="weight of the conversation's word cache")
         engine.add_argument("--cache-bigram-weight", type=weight, metavar="W",
                             help="weight of the words that followed the last word earlier in the conversation")

@@ -168,9 +168,10 @@ class EngineParams(_Section):
     """
 
     # The bundle stage fits a Kneser-Ney n-gram of this order on the train split into the model
-    # folder (0: none); the engine mixes it into the LSTM's next-word distribution with ngram_weight.
+    # folder (0: none); the engine mixes it into the LSTM's next-word distribution with ngram_weight
+    # (1: the n-gram alone, the baseline to compare with; it gives every word some probability).
     ngram_order: int = Field(ge=0)
-    ngram_weight: float = Field(ge=0, lt=1)
+    ngram_weight: float = Field(ge=0, le=1)
     # A cache of the conversation so far: its words as a unigram mixed in with cache_weight, then the
     # words that followed the last token earlier in it, as a bigram, with cache_bigram_weight.
     cache_weight: float = Field(ge=0, lt=1)
