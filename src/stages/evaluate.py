@@ -26,6 +26,7 @@ conversations, with the other settings as served.
 import csv
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +71,18 @@ def engine_parts(model_dir, test: pd.DataFrame, conversations: int) -> str:
 def main(args, params):
     model, vocab, config = load_trained(args.model)
     messages = pd.read_parquet(args.messages)
-    metrics = {}
+    metrics, seconds, start = {}, {}, time.perf_counter()
+
+    def lap(part: str) -> None:  # the wall time of each part, printed at the end
+        nonlocal start
+        seconds[part], start = time.perf_counter() - start, time.perf_counter()
+
     for split in ("val", "test"):
         windows = np.load(f"{args.windows}/{split}.npy")
         metrics[split] = evaluate(model, windows, vocab, params.evaluate.batch_size)
         words = table_word_targets(messages[messages["split"] == split], config["speaker_tags"])
         metrics[split].update(per_word(metrics[split], words))
+    lap("perplexity")
 
     e = params.evaluate
     test = messages[messages["split"] == "test"]
@@ -89,6 +96,7 @@ def main(args, params):
     metrics["keystrokes"] = {name: getattr(savings, name) for name in (
         "conversations", "words", "ksr", "ksr_show_rejected", "ksr_skip_rejected", "top1", "top3")}
     metrics["oov"] = OovReport.from_savings(savings).to_dict()
+    lap("keystrokes")
     metrics["size"] = {"parameters": sum(p.numel() for p in model.parameters()),
                        "folder_bytes": sum(f.stat().st_size for f in Path(args.model).rglob("*") if f.is_file())}
     served = Engine.load(args.model)  # the served step, timed as a keyboard types: one stream, one thread
@@ -96,9 +104,11 @@ def main(args, params):
     latency = {name: getattr(timed, name) for name in ("latency_p50_ms", "latency_p99_ms", "cpu_p50_ms", "cpu_p99_ms",
                                                         "latency_keystrokes")}
     latency["latency_conversations"] = timed.conversations
+    lap("latency")
     write_json(args.metrics, metrics)
     write_json(args.latency, latency)
     write_text(args.parts, engine_parts(args.model, test, e.ablation_conversations))
+    lap("engine parts")
     for split in ("val", "test"):
         m = metrics[split]
         print(f"lstm {split}: perplexity {m['perplexity']:.2f} per token, {m['word_perplexity']:.2f} per word, "
@@ -111,6 +121,7 @@ def main(args, params):
     o = metrics["oov"]
     print(f"out of the word vocabulary: {o['oov_words']} of {o['words']} test words ({o['oov_rate']:.3f}), "
           f"{o['completed']} of them completed by the engine ({o['completed_share']:.3f})")
+    print("evaluate took " + ", ".join(f"{part} {s:.0f} s" for part, s in seconds.items()))
 
 
 if __name__ == "__main__":
