@@ -11,8 +11,8 @@ engine's batch-exact int8 kernel (``nextword.quantize``), for the counts one
 stream at a time would give; and, on the same conversations, the share of
 words outside the word vocabulary (``vocab.*`` on the train split) and how
 many of those the engine completes (``nextword.oov``, counted by the same
-simulation), which only a subword model can; and the model's size: its parameters and the bytes of the model
-folder as served. Keystroke latency
+simulation), which only a subword model can; and the model's size: its
+parameters and the bytes of the model folder as served. Keystroke latency
 depends on the machine, so it goes to ``reports/latency.json``, not into the
 metrics that `dvc exp show` compares: it is timed on one stream and one
 thread, typing the first ``evaluate.latency_conversations`` test
@@ -75,7 +75,8 @@ def main(args, params):
 
     def lap(part: str) -> None:  # the wall time of each part, printed at the end
         nonlocal start
-        seconds[part], start = time.perf_counter() - start, time.perf_counter()
+        now = time.perf_counter()
+        seconds[part], start = now - start, now
 
     for split in ("val", "test"):
         windows = np.load(f"{args.windows}/{split}.npy")
