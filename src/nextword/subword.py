@@ -180,6 +180,7 @@ class SubwordSession(Session):
         super().__init__(engine)
         self._searched: _Distribution | None = None  # the position whose model steps and searches are kept
         self._nodes: dict = {}
+        self._ends: dict = {}  # the log-probability of a word boundary after a node's pieces
         self._found: dict = {}
 
     def suggest(self, prefix: str = "", k: int = 3, typing: bool = False,
@@ -216,10 +217,19 @@ class SubwordSession(Session):
             steps = self.engine.step_many([ids[-1] for ids in new], [self._nodes[ids[:-1]][1] for ids in new])
             self._nodes.update(zip(new, steps))
 
+    def _end(self, ids: tuple[int, ...]) -> float:
+        """The log-probability that the word ends after the pieces ``ids``: a boundary piece comes next."""
+        end = self._ends.get(ids)
+        if end is None:
+            at_boundary = self._node(ids)[0][self.engine.boundary_ids].astype(np.float64)
+            top = at_boundary.max()
+            end = self._ends[ids] = float(top + np.log(np.exp(at_boundary - top).sum())) if np.isfinite(top) else top
+        return end
+
     def _words(self, dist: _Distribution, prefix: str, want: int) -> dict[str, float]:
         """Words that start with ``prefix`` and the model's probability of each, from the beam search."""
         if self._searched is not dist:  # a new position: new dicts, so a fork at the old one keeps its own
-            self._searched, self._found = dist, {}
+            self._searched, self._found, self._ends = dist, {}, {}
             self._nodes = {(): (dist.log_probs, (self._state, self._history))}
         key = (prefix, want)
         if key in self._found:
@@ -234,8 +244,7 @@ class SubwordSession(Session):
             for log_p, ids, text in frontier:
                 log_probs, _ = self._node(ids)
                 if text and text.startswith(prefix) and is_word(text) and text not in engine.banned:
-                    end = np.logaddexp.reduce(log_probs[engine.boundary_ids].astype(np.float64))
-                    found[text] = found.get(text, 0.0) + float(np.exp(log_p + end))
+                    found[text] = found.get(text, 0.0) + float(np.exp(log_p + self._end(ids)))
                 if depth == MAX_PIECES:
                     continue
                 table = engine.continuations if ids else engine.starts
