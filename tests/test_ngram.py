@@ -10,7 +10,7 @@ from nextword.metrics import Scores, evaluate, evaluate_ngram, word_masks
 from conftest import model_config
 from nextword.model import LanguageModel
 from nextword.ngram import FALLBACK_DISCOUNTS, KneserNey, estimate_discounts, stream_from_windows
-from nextword.vocab import PAD_ID, SPECIALS, Vocab
+from nextword.vocab import PAD_ID, SPECIALS, UNK, Vocab
 from nextword.windows import cut_windows, lanes
 
 # The hand-checked corpus: ids a=1, b=2, c=3 (4 never occurs, 0 is PAD), V = 5.
@@ -177,6 +177,25 @@ def test_lstm_and_ngram_are_scored_alike():
     baseline = evaluate_ngram(KneserNey.fit(stream, len(vocab), 3), windows, vocab)
     assert baseline.keys() == got.keys()
     assert (baseline["tokens"], baseline["word_tokens"]) == (got["tokens"], got["word_tokens"])
+
+
+def test_an_adaptive_softmax_is_scored_by_cluster_as_over_the_whole_vocabulary():
+    """evaluate ranks an adaptive softmax's clusters apart: the figures of its full [rows, V] matrix."""
+    torch.manual_seed(1)
+    # Punctuation last, so that a tail cluster holds tokens that may not be suggested.
+    tokens = list(SPECIALS) + [f"w{i}" for i in range(50)] + [".", ",", "?"]
+    vocab = Vocab(tokens, [0] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+    stream = np.random.default_rng(4).integers(1, len(vocab), size=600)
+    windows = cut_windows(stream, 7)
+    model = LanguageModel(model_config(len(vocab), embedding=8, hidden=16, layers=1, adaptive_softmax=True,
+                                       cutoffs=[12, 30], div_value=2.0))
+    got = evaluate(model, windows, vocab, batch_size=4)
+    expected = reference_evaluate(model.eval(), windows, vocab, batch_size=4)
+    words = sum(vocab.tokens[t].startswith("w") or vocab.tokens[t] == UNK for t in stream[1:])
+    assert (got["tokens"], got["word_tokens"]) == (expected["tokens"], expected["word_tokens"]) == (599, words)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+    assert got["top3"] > 0  # the ranking found some targets, so a mismatch in it would show
 
 
 def test_scores_counts_word_targets_and_word_candidates_only():

@@ -57,15 +57,32 @@ class Scores:
         self.tokens = self.words = self.top1 = self.top3 = 0
 
     def add(self, log_probs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Score ``[..., V]`` log-probabilities against ``[...]`` targets."""
+        self.add_blocks(log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), targets,
+                        lambda rows: [(0, log_probs.reshape(-1, log_probs.shape[-1])[rows])])
+
+    def add_blocks(self, target_log_probs: torch.Tensor, targets: torch.Tensor, blocks) -> None:
+        """Score from each target's log-probability and, for the rows to rank, the vocabulary in blocks.
+
+        ``blocks(rows)`` gives ``(first id, [len(rows), width] log-probabilities)`` pairs that cover
+        the vocabulary, for the boolean row mask ``rows`` (of the flattened targets): an adaptive
+        softmax's clusters need never be laid out as one ``[rows, V]`` matrix (:func:`adaptive_blocks`).
+        """
+        targets, target_log_probs = targets.reshape(-1), target_log_probs.reshape(-1)
         keep = targets != PAD_ID
-        self.nll -= log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[keep].sum().item()
+        self.nll -= target_log_probs[keep].sum().item()
         self.tokens += int(keep.sum())
         # Accuracy is over word targets only, so only their rows are ranked.
         is_word_target = self.target_words[targets] & keep
         word_targets = targets[is_word_target]
-        candidates = log_probs[is_word_target]
-        candidates += self.not_suggestable
-        hits = candidates.topk(3, dim=-1).indices == word_targets.unsqueeze(-1)
+        values, ids = [], []
+        for start, block in blocks(is_word_target):
+            block = block + self.not_suggestable[start:start + block.shape[-1]]
+            top = block.topk(min(3, block.shape[-1]), dim=-1)
+            values.append(top.values)
+            ids.append(top.indices + start)
+        best = torch.cat(values, dim=-1).topk(3, dim=-1).indices
+        hits = torch.cat(ids, dim=-1).gather(-1, best) == word_targets.unsqueeze(-1)
         self.top1 += int(hits[:, 0].sum())
         self.top3 += int(hits.any(-1).sum())
         self.words += len(word_targets)
@@ -88,6 +105,36 @@ def per_word(result: dict, words: int) -> dict:
     return {"words": words, "word_perplexity": math.exp(total_nll / max(words, 1))}
 
 
+def adaptive_blocks(head: torch.nn.AdaptiveLogSoftmaxWithLoss, features: torch.Tensor, targets: torch.Tensor):
+    """(each target's log-probability, ``blocks`` for :meth:`Scores.add_blocks`) from an adaptive softmax.
+
+    The numbers are those of ``head.log_prob`` (the same operations, in the same order, up to the
+    rounding of a product over fewer rows), but a cluster's log-probabilities are computed only for
+    the rows that are ranked or whose target is in it, and never copied into one ``[rows, V]`` matrix.
+    """
+    x, targets = features.reshape(-1, features.shape[-1]).float(), targets.reshape(-1)
+    head_log_probs = torch.log_softmax(head.head(x), dim=1)
+    shortlist = head.shortlist_size
+    target_log_probs = head_log_probs.gather(1, targets.clamp(max=shortlist - 1).unsqueeze(1)).squeeze(1)
+    clusters = list(zip(head.cutoffs, head.cutoffs[1:]))
+
+    def cluster(i: int, rows: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(head.tail[i](x[rows]), dim=1) + head_log_probs[rows, shortlist + i].unsqueeze(1)
+
+    for i, (start, stop) in enumerate(clusters):
+        inside = (targets >= start) & (targets < stop)
+        if inside.any():
+            picked = cluster(i, inside).gather(1, (targets[inside] - start).unsqueeze(1)).squeeze(1)
+            target_log_probs = target_log_probs.masked_scatter(inside, picked)
+
+    def blocks(rows: torch.Tensor):
+        yield 0, head_log_probs[rows, :shortlist]
+        for i, (start, _) in enumerate(clusters):
+            yield start, cluster(i, rows)
+
+    return target_log_probs, blocks
+
+
 @torch.no_grad()
 def evaluate(model, windows: np.ndarray, vocab: Vocab, batch_size: int = 64, device="cpu") -> dict:
     model.eval()
@@ -98,7 +145,13 @@ def evaluate(model, windows: np.ndarray, vocab: Vocab, batch_size: int = 64, dev
     for step in range(data.shape[0]):
         batch = data[step].to(device).long()
         feats, state = model.features(batch[:, :-1], state)
-        scores.add(model.log_probs(feats).float(), batch[:, 1:])
+        targets = batch[:, 1:]
+        if model.head is None:
+            scores.add(model.log_probs(feats).float(), targets)
+        else:
+            with torch.autocast(feats.device.type, enabled=False):
+                target_log_probs, blocks = adaptive_blocks(model.head, feats, targets)
+                scores.add_blocks(target_log_probs, targets, blocks)
     return scores.result()
 
 
