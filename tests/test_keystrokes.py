@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from nextword.engine import Engine
-from nextword.keystrokes import conversations_from_table, simulate, simulate_batched, word_cost
+from nextword.keystrokes import conversations_from_table, simulate, simulate_batched, simulate_mixes, word_cost
 
 # A model whose next-word distribution is always softmax of these logits, so the three
 # suggestions after any prefix can be read off this table: the most probable words that
@@ -170,6 +170,37 @@ def test_batched_simulation_counts_exactly_what_one_stream_counts(batch_engine_d
     outside = simulate(engine, BATCH_CONVERSATIONS, vocabulary=vocabulary).savings()
     assert outside.oov_words < one.words and 0 < outside.oov_completed < outside.oov_words
     assert simulate_batched(engine, BATCH_CONVERSATIONS, batch_size=2, processes=2, vocabulary=vocabulary) == outside
+
+
+MIXES = [{"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0}, {"cache_weight": 0.0}, {},
+         {"ngram_weight": 0.9, "cache_bigram_weight": 0.3}]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_mixes_typed_in_one_pass_count_what_each_engine_typing_alone_counts(batch_engine_dir, processes):
+    # The evaluate stage's engine parts: the model runs once for all of them, each mix is scored on its own.
+    engine = Engine.load(batch_engine_dir, exact_batches=True)
+    together = simulate_mixes(engine, MIXES, BATCH_CONVERSATIONS, batch_size=3, processes=processes)
+    alone = [simulate_batched(Engine.load(batch_engine_dir, overrides=mix, exact_batches=True),
+                              BATCH_CONVERSATIONS) for mix in MIXES]
+    assert together == alone
+    assert len({r.ksr for r in alone}) == len(MIXES)  # the mixes do differ
+    assert simulate_mixes(engine, [{}], BATCH_CONVERSATIONS) == [simulate(engine, BATCH_CONVERSATIONS).savings()]
+
+
+def test_only_mixing_weights_are_remixed_and_only_with_an_ngram_to_mix(batch_engine_dir, fixed_engine):
+    from nextword.errors import NextwordError
+
+    engine = Engine.load(batch_engine_dir, exact_batches=True)
+    with pytest.raises(NextwordError, match="^int8: not a mixing weight"):
+        engine.remixed(int8=False)
+    off = engine.remixed(ngram_weight=0.0)
+    assert off.ngram is None and off.history == 0 and off.backend is engine.backend
+    assert off.remixed(ngram_weight=0.4).ngram is engine.ngram and engine.options.ngram_weight == 0.4
+    loaded_without = Engine.load(batch_engine_dir, overrides={"ngram_weight": 0.0}, exact_batches=True)
+    for no_ngram in (loaded_without, fixed_engine(LOGITS)):
+        with pytest.raises(NextwordError, match="^engine.ngram_weight: the model folder has no n-gram"):
+            no_ngram.remixed(ngram_weight=0.5)
 
 
 def test_an_engine_that_is_not_batch_invariant_is_shared_among_processes_all_the_same(fixed_engine):

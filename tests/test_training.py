@@ -17,6 +17,7 @@ import torch
 
 from conftest import TINY_CONVERSATION
 from conftest import model_config, train_params
+from nextword.metrics import evaluate
 from nextword.model import LanguageModel
 from nextword.text import tokenize
 from nextword.training import train
@@ -112,6 +113,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(tiny_data, tmp_pat
     assert "resuming from" in resumed["log"]
     assert without_timing(resumed["history"]) == without_timing(uninterrupted["history"])
     assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+    assert resumed["best_val"] == uninterrupted["best_val"]
     assert resumed["weights"].keys() == uninterrupted["weights"].keys()
     for name, value in uninterrupted["weights"].items():
         assert torch.equal(resumed["weights"][name], value), name
@@ -157,7 +159,7 @@ def test_lr_is_cut_on_a_plateau_and_training_stops_early(tiny_data, monkeypatch)
                    on_epoch=lambda row: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}))
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]  # two epochs without improvement
     assert [row["lr"] for row in result.history] == [0.01, 0.01, 0.01, 0.005]
-    assert result.best_epoch == 2
+    assert result.best_epoch == 2 and result.best_val["nll"] == 2.0  # its scores are kept with them
     for name, value in model.state_dict().items():
         assert torch.equal(value, snapshots[1][name]), name  # the best epoch's weights are kept
 
@@ -169,6 +171,16 @@ def test_training_lowers_the_loss_on_cpu(tiny_data, precision):
     result = train(small_model(len(vocab)), train_windows, val_windows, vocab, params, 8, seed=0)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0] and result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+
+
+def test_the_kept_weights_score_on_validation_as_training_reported(tiny_data):
+    # The evaluate stage reports best_val as the validation scores instead of scoring the weights again.
+    vocab, train_windows, val_windows = load(tiny_data)
+    model = small_model(len(vocab))
+    params = train_params(batch_size=8, epochs=2, lr=0.01, clip=1.0, device="cpu")
+    result = train(model, train_windows, val_windows, vocab, params, 8, seed=0)
+    assert result.best_val == evaluate(model, val_windows, vocab, 8)
+    assert result.best_val["nll"] == result.history[result.best_epoch - 1]["val_loss"]
 
 
 def trained(tiny_data, params, checkpoint=None) -> tuple:

@@ -37,4 +37,5 @@ result = train(model, windows["train"], windows["val"], vocab, train_params(**sp
                checkpoint=spec.get("checkpoint"), on_epoch=on_epoch)
 finish_distributed()
 if rank == 0:
-    torch.save({"weights": model.state_dict(), "history": result.history, "best_epoch": result.best_epoch}, out)
+    torch.save({"weights": model.state_dict(), "history": result.history, "best_epoch": result.best_epoch,
+                "best_val": result.best_val}, out)

@@ -49,6 +49,7 @@ evaluate --fim`` shows the rescoring falls short.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import threading
 from dataclasses import dataclass
@@ -74,6 +75,8 @@ from nextword.windows import MESSAGE_END, message_head
 # gap say the most about it; each further token costs a step of the batched pass for every candidate.
 FIM_CANDIDATES = 32
 FIM_RIGHT_TOKENS = 4
+# The engine settings that weigh what is mixed into the model's next-token distribution (see Engine.remixed).
+MIX_WEIGHTS = ("ngram_weight", "cache_weight", "cache_bigram_weight")
 
 
 def best(scores: np.ndarray, ids: np.ndarray, want: int, last: float | None = None) -> np.ndarray:
@@ -112,12 +115,10 @@ class Engine:
         self.backend = backend or TorchStep(self.model)
         self.vocab = vocab
         self.config = config
-        self.options = options
-        self.ngram = ngram if ngram is not None and options.ngram_weight > 0 else None
-        if self.ngram is not None and self.ngram.vocab_size != len(vocab):
-            raise NextwordError(f"the n-gram has {self.ngram.vocab_size} ids, the vocabulary {len(vocab)}")
-        # How many committed ids a session keeps: the n-gram's context.
-        self.history = self.ngram.order - 1 if self.ngram is not None else 0
+        if ngram is not None and ngram.vocab_size != len(vocab):
+            raise NextwordError(f"the n-gram has {ngram.vocab_size} ids, the vocabulary {len(vocab)}")
+        self._loaded_ngram = ngram
+        self._set_options(options)
         self.speaker_tags = config["speaker_tags"]
         suggestable = np.array([is_word(t) and t not in banned for t in vocab.tokens], dtype=bool)
         self.blocked_suggest = ~suggestable
@@ -162,6 +163,29 @@ class Engine:
             return SubwordEngine(model, servable.vocab, servable.config, banned, servable.ngram, options,
                                  servable.tokenizer, backend)
         return cls(model, servable.vocab, servable.config, banned, servable.ngram, options, backend)
+
+    def _set_options(self, options: EngineParams) -> None:
+        self.options = options
+        ngram = self._loaded_ngram
+        self.ngram = ngram if ngram is not None and options.ngram_weight > 0 else None
+        # How many committed ids a session keeps: the n-gram's context.
+        self.history = self.ngram.order - 1 if self.ngram is not None else 0
+
+    def remixed(self, **weights: float) -> "Engine":
+        """This engine with other mixing weights (``ngram_weight``, ``cache_weight``, ``cache_bigram_weight``).
+
+        A shallow copy: it shares the model step, the vocabulary and the n-gram loaded with this one,
+        so its suggestions are those of the model folder loaded with these weights.
+        """
+        unknown = sorted(set(weights) - set(MIX_WEIGHTS))
+        if unknown:
+            raise NextwordError(f"{', '.join(unknown)}: not a mixing weight ({', '.join(MIX_WEIGHTS)})")
+        options = EngineParams.model_validate(self.options.model_dump() | weights)
+        if options.ngram_weight > 0 and self._loaded_ngram is None:
+            raise NextwordError("engine.ngram_weight: the model folder has no n-gram to mix in")
+        engine = copy.copy(self)
+        engine._set_options(options)
+        return engine
 
     @property
     def batch_invariant(self) -> bool:

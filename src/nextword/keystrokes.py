@@ -243,10 +243,11 @@ def _typed(engine: Engine, conversations: Iterable[Conversation], k: int, vocabu
     return tally
 
 
-def _one_at_a_time(engine: Engine, conversations: list[Conversation], k: int, batch_size: int,
-                   vocabulary: Collection[str] | None) -> "_Tally":
-    """:func:`_typed`, untimed: what :func:`simulate_batched` does with an engine that is not batch-invariant."""
-    return _typed(engine, conversations, k, vocabulary, [], [])
+def _one_at_a_time(engines: Sequence[Engine], conversations: list[Conversation], k: int, batch_size: int,
+                   vocabulary: Collection[str] | None) -> list["_Tally"]:
+    """:func:`_typed` of each engine, untimed: what :func:`simulate_batched` does with an engine that is not
+    batch-invariant."""
+    return [_typed(engine, conversations, k, vocabulary, [], []) for engine in engines]
 
 
 def _check_speaker(speaker: str) -> None:
@@ -269,47 +270,81 @@ def simulate_batched(
     own. With a backend that is not batch-invariant (float32 weights, ONNX Runtime) or a subword
     engine, each process types its conversations one at a time, through the engine's sessions.
     """
+    return _simulate([engine], conversations, k, max_conversations, batch_size, processes, vocabulary)[0]
+
+
+def simulate_mixes(
+    engine: Engine,
+    mixes: Sequence[dict],
+    conversations: pd.DataFrame | Iterable[Conversation],
+    k: int = 3,
+    max_conversations: int | None = None,
+    batch_size: int = 128,
+    processes: int = 1,
+) -> list[Savings]:
+    """:func:`simulate_batched` of ``engine.remixed(**mix)`` for each of ``mixes``, the model run once.
+
+    The mixes differ only in what is mixed into the model's next-token distribution, so one batched
+    model step serves them all: each mixes and scores the same log-probabilities, and counts what
+    typing with it alone would. (An engine that is not batch-invariant types once per mix.)
+    """
+    engines = [engine.remixed(**mix) for mix in mixes]
+    return _simulate(engines, conversations, k, max_conversations, batch_size, processes, None)
+
+
+def _simulate(engines: list[Engine], conversations, k: int, max_conversations: int | None, batch_size: int,
+              processes: int, vocabulary: Collection[str] | None) -> list[Savings]:
     if isinstance(conversations, pd.DataFrame):
         conversations = conversations_from_table(conversations)
     conversations = list(itertools.islice(conversations, max_conversations))
-    typed = _batched if engine.batch_invariant else _one_at_a_time
+    typed = _batched if all(e.batch_invariant for e in engines) else _one_at_a_time
     if processes < 2 or len(conversations) < 2:
-        return typed(engine, conversations, k, batch_size, vocabulary).savings()
+        return [t.savings() for t in typed(engines, conversations, k, batch_size, vocabulary)]
     import concurrent.futures
     import multiprocessing
 
     # Dealt out longest first, so that each process gets as much typing, and its longest conversations early.
     by_length = sorted(conversations, key=lambda c: sum(len(text) for _, text in c), reverse=True)
     shares = [by_length[i::processes] for i in range(processes)]
-    # Forked, the processes share the loaded engine instead of each loading it again.
+    # Forked, the processes share the loaded engines instead of each loading them again.
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                                initializer=_share_engine, initargs=(engine,)) as pool:
-        tallies = list(pool.map(_typed_share, itertools.repeat(typed), shares, itertools.repeat(k),
-                                itertools.repeat(batch_size), itertools.repeat(vocabulary)))
-    return _Tally.total(tallies, engine.options.skip_rejected).savings()
+                                                initializer=_share_engines, initargs=(engines,)) as pool:
+        shared = list(pool.map(_typed_share, itertools.repeat(typed), shares, itertools.repeat(k),
+                               itertools.repeat(batch_size), itertools.repeat(vocabulary)))
+    return [_Tally.total([tallies[i] for tallies in shared], e.options.skip_rejected).savings()
+            for i, e in enumerate(engines)]
 
 
-_shared_engine: Engine | None = None  # the engine of a process forked by simulate_batched
+_shared_engines: list[Engine] = []  # the engines of a process forked by _simulate
 
 
-def _share_engine(engine: Engine) -> None:
-    global _shared_engine
-    _shared_engine = engine
+def _share_engines(engines: list[Engine]) -> None:
+    global _shared_engines
+    _shared_engines = engines
 
 
 def _typed_share(typed, conversations: list[Conversation], k: int, batch_size: int,
-                 vocabulary: Collection[str] | None) -> "_Tally":
-    return typed(_shared_engine, conversations, k, batch_size, vocabulary)
+                 vocabulary: Collection[str] | None) -> list["_Tally"]:
+    return typed(_shared_engines, conversations, k, batch_size, vocabulary)
 
 
-def _batched(engine: Engine, conversations: list[Conversation], k: int, batch_size: int,
-             vocabulary: Collection[str] | None = None) -> "_Tally":
-    """The tally of typing ``conversations`` in batches of up to ``batch_size``, in this process."""
-    tally = _Tally(engine.options.skip_rejected, vocabulary)
-    scorer = _Scorer(engine, k)
+def _batched(engines: Sequence[Engine], conversations: list[Conversation], k: int, batch_size: int,
+             vocabulary: Collection[str] | None = None) -> list["_Tally"]:
+    """The tally of each engine typing ``conversations`` in batches of up to ``batch_size``, in this process.
+
+    The engines are mixes of one (:meth:`Engine.remixed`): the first one's model step serves them all.
+    They share the n-gram, so each stream keeps one history, as long as the longest an engine reads
+    (an engine without the n-gram reads none), and one cache (an engine whose cache weights are zero
+    mixes none of it).
+    """
+    tallies = [_Tally(e.options.skip_rejected, vocabulary) for e in engines]
+    scorers = [_Scorer(e, k) for e in engines]
+    lead = max(engines, key=lambda e: e.history)  # whose history is the longest
+    caching = any(e.caching for e in engines)
     # The longest first: a conversation's words are typed one after another, so the longest sets the number
     # of batched steps, and the others fill the batch beside it. The counts are sums, in any order.
-    scripts = sorted((_script(engine, conversation, tally) for conversation in conversations), key=len, reverse=True)
+    scripts = sorted((_script(lead, conversation, tallies) for conversation in conversations),
+                     key=len, reverse=True)
     waiting = (_Stream(script) for script in scripts if script)
     active: list[_Stream] = []
     while True:
@@ -318,16 +353,17 @@ def _batched(engine: Engine, conversations: list[Conversation], k: int, batch_si
         if not active:
             break
         steps = [s.script[s.at] for s in active]
-        log_probs, states = engine.backend.run_batch([ids for ids, _ in steps], [s.state for s in active])
+        log_probs, states = lead.backend.run_batch([ids for ids, _ in steps], [s.state for s in active])
         for stream, (ids, _), state in zip(active, steps, states):
             stream.state = state
-            stream.history = engine.extend_history(stream.history, ids)
-            if engine.caching:
-                stream.cache = stream.cache.extended(ids, engine.blocked_suggest)
+            stream.history = lead.extend_history(stream.history, ids)
+            if caching:
+                stream.cache = stream.cache.extended(ids, lead.blocked_suggest)
             stream.at += 1
-        mixed = engine.mix_rows(log_probs, [s.history for s in active], [s.cache for s in active])
-        scorer.score(mixed, [word for _, word in steps], tally)
-    return tally
+        histories, caches, words = [s.history for s in active], [s.cache for s in active], [w for _, w in steps]
+        for engine, scorer, tally in zip(engines, scorers, tallies):
+            scorer.score(engine.mix_rows(log_probs, histories, caches), words, tally)
+    return tallies
 
 
 @dataclass
@@ -341,13 +377,11 @@ class _Stream:
     cache: _Cache = _Cache()
 
 
-def _script(engine: Engine, conversation: Conversation, tally: _Tally) -> list[tuple[list[int], str]]:
+def _script(engine: Engine, conversation: Conversation, tallies: list[_Tally]) -> list[tuple[list[int], str]]:
     """The words of a conversation, each with the ids committed before it, as a session queues them."""
     vocab, steps, pending = engine.vocab, [], []
-    tally.conversations += 1
     for speaker, text in conversation:
         _check_speaker(speaker)
-        tally.messages += 1
         pending += [vocab.id(t) for t in message_head(speaker, engine.speaker_tags)]
         for token in tokenize(text):
             if is_word(token):
@@ -355,6 +389,9 @@ def _script(engine: Engine, conversation: Conversation, tally: _Tally) -> list[t
                 pending = []
             pending.append(vocab.id(token))
         pending.append(vocab.id(MESSAGE_END))
+    for tally in tallies:
+        tally.conversations += 1
+        tally.messages += len(conversation)
     return steps
 
 

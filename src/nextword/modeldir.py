@@ -2,7 +2,8 @@
 
 The train stage writes the *trained* folder: ``weights.pt`` (a state dict),
 ``vocab.json`` and ``config.json`` (the model's shape, the window length,
-whether messages carry speaker tags), and the tokenizer (``tokenizer.json``,
+whether messages carry speaker tags, the best epoch and its validation
+scores), and the tokenizer (``tokenizer.json``,
 and ``sentencepiece.model`` for pieces; see ``nextword.tokenizer``). The bundle
 stage copies it into the *servable* folder and adds what the suggestion engine needs:
 

@@ -6,7 +6,8 @@ and detached between steps (as in PyTorch's word_language_model example).
 For ``model.cell: transformer`` that state is the keys and values of the last
 ``model.context - 1`` tokens (:mod:`nextword.transformer`), carried the same way.
 After each epoch the model is scored on validation: the best epoch's weights
-are kept, and training stops early after ``patience`` epochs without
+are kept, with their scores (``TrainResult.best_val``, which the evaluate stage
+reports instead of scoring validation again), and training stops early after ``patience`` epochs without
 improvement. The learning rate follows ``schedule``: ``plateau`` cuts it by
 ``lr_decay`` when validation loss stops improving (``ReduceLROnPlateau``);
 ``cosine`` warms it up linearly over ``warmup_steps`` optimizer steps, then
@@ -153,6 +154,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_state: dict | None = None
+    best_val: dict | None = None  # nextword.metrics.evaluate of the best epoch's weights on validation
 
 
 def fingerprint(*parts) -> str:
@@ -324,7 +326,7 @@ def train(
             if scheduler is not None:
                 scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"][rank])
-        result = TrainResult(saved["history"], saved["best_epoch"], saved["best_state"])
+        result = TrainResult(saved["history"], saved["best_epoch"], saved["best_state"], saved["best_val"])
         start_epoch = saved["epoch"] + 1
         if rank == 0:
             log.info("resuming from %s after epoch %d", checkpoint, saved["epoch"])
@@ -383,7 +385,7 @@ def train(
         }
         result.history.append(row)
         if result.best_state is None or val["nll"] < result.history[result.best_epoch - 1]["val_loss"]:
-            result.best_epoch = epoch
+            result.best_epoch, result.best_val = epoch, val
             result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         rngs = [rng_state()]
         if world > 1:
@@ -406,6 +408,7 @@ def train(
                             "history": result.history,
                             "best_epoch": result.best_epoch,
                             "best_state": result.best_state,
+                            "best_val": result.best_val,
                         },
                         tmp,
                     )

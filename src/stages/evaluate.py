@@ -2,7 +2,9 @@
 
 ``reports/metrics.json`` holds what is reproducible: perplexity per token and
 per word (comparable across tokenizers, see ``nextword.metrics``) and top-1/top-3
-on validation and test, and the keystroke savings rate (KSR) with
+on validation and test (validation as the train stage scored the weights it kept,
+with the same function and batch size, on the device it trained on: it is not
+scored twice), and the keystroke savings rate (KSR) with
 ``engine.suggestions`` suggestions on the first ``evaluate.ksr_conversations``
 test conversations (0: all), typed through the engine with the settings stored
 in the model folder, also with and without ``skip_rejected`` (see
@@ -35,7 +37,7 @@ import pandas as pd
 from nextword import stage
 from nextword.engine import Engine
 from nextword.files import write_json, write_text
-from nextword.keystrokes import simulate, simulate_batched
+from nextword.keystrokes import simulate, simulate_batched, simulate_mixes
 from nextword.metrics import evaluate, per_word
 from nextword.modeldir import load_trained
 from nextword.oov import OovReport
@@ -53,15 +55,14 @@ ENGINE_PARTS = (
 )
 
 
-def engine_parts(model_dir, test: pd.DataFrame, conversations: int) -> str:
-    """CSV of the KSR with each engine part added, both with and without skip_rejected (one run each)."""
+def engine_parts(engine: Engine, test: pd.DataFrame, conversations: int) -> str:
+    """CSV of the KSR with each engine part added, both with and without skip_rejected (the model run once)."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["part", "ksr_show_rejected", "ksr_skip_rejected", "conversations"])
-    for label, off in ENGINE_PARTS:
-        engine = Engine.load(model_dir, overrides=off, exact_batches=True)
-        r = simulate_batched(engine, test, k=engine.options.suggestions, max_conversations=conversations or None,
-                             processes=os.cpu_count() or 1)
+    parts = simulate_mixes(engine, [off for _, off in ENGINE_PARTS], test, k=engine.options.suggestions,
+                           max_conversations=conversations or None, processes=os.cpu_count() or 1)
+    for (label, _), r in zip(ENGINE_PARTS, parts):
         writer.writerow([label, f"{r.ksr_show_rejected:.5f}", f"{r.ksr_skip_rejected:.5f}", r.conversations])
         print(f"engine parts: {label}: KSR {r.ksr_show_rejected:.4f} (skipping words passed over "
               f"{r.ksr_skip_rejected:.4f})")
@@ -79,8 +80,10 @@ def main(args, params):
         seconds[part], start = now - start, now
 
     for split in ("val", "test"):
-        windows = np.load(f"{args.windows}/{split}.npy")
-        metrics[split] = evaluate(model, windows, vocab, params.evaluate.batch_size)
+        if split == "val" and config.get("validation"):  # training scored these weights on it
+            metrics[split] = dict(config["validation"])
+        else:
+            metrics[split] = evaluate(model, np.load(f"{args.windows}/{split}.npy"), vocab, params.evaluate.batch_size)
         words = table_word_targets(messages[messages["split"] == split], config["speaker_tags"])
         metrics[split].update(per_word(metrics[split], words))
     lap("perplexity")
@@ -108,7 +111,7 @@ def main(args, params):
     lap("latency")
     write_json(args.metrics, metrics)
     write_json(args.latency, latency)
-    write_text(args.parts, engine_parts(args.model, test, e.ablation_conversations))
+    write_text(args.parts, engine_parts(engine, test, e.ablation_conversations))
     lap("engine parts")
     for split in ("val", "test"):
         m = metrics[split]

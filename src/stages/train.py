@@ -80,6 +80,7 @@ def main(args, params):
             "speaker_tags": params.window.speaker_tags,
             "window_length": params.window.length,
             "best_epoch": result.best_epoch,
+            "validation": result.best_val,  # its scores, which the evaluate stage reports
         }, tokenizer)
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(result.history[0]))
