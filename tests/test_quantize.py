@@ -64,3 +64,29 @@ def test_int8_products_are_summed_exactly():
     expected = a.double() @ w.double()
     assert torch.equal(torch._int_mm(a, w).double(), expected)
     assert torch.equal(torch._int_mm(a[:1], w).double(), expected[:1])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lnlstm", "transformer"])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_traced_step_of_one_stream_is_the_eager_step_to_the_bit(cell, int8, adaptive):
+    from nextword.quantize import fused_int8
+
+    torch.manual_seed(0)
+    config = model_config(40, cell=cell, embedding=32, hidden=64, layers=2, adaptive_softmax=adaptive,
+                          cutoffs=[10, 20], tie_weights=not adaptive)
+    model = LanguageModel(config).eval()
+    model = fused_int8(model) if int8 else model
+    served = TorchStep(model)
+    assert served._trace == (cell in ("lstm", "gru"))  # the others' steps depend on the number of ids
+    state = eager_state = None
+    for ids in STEPS + STEPS:  # traced at the first step, from no state; then steps of every length
+        log_probs, state = served.run(ids, state)
+        with torch.no_grad():
+            feats, eager_state = model.features(torch.tensor([ids]), eager_state)
+            expected = model.log_probs(feats[:, -1])[0].numpy()
+        assert np.array_equal(log_probs, expected), ids
+        for a, b in zip(*(s if isinstance(s, tuple) else (s,) for s in (state, eager_state))):
+            assert torch.equal(a, b), ids
+    if cell in ("lstm", "gru"):
+        assert served._traced is not None

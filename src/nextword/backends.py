@@ -65,16 +65,42 @@ def output_names(config: ModelConfig) -> list[str]:
 
 
 class TorchStep:
-    """The step in PyTorch; the state is the model's own (a tensor, or a pair for an LSTM)."""
+    """The step in PyTorch; the state is the model's own (a tensor, or a pair for an LSTM).
+
+    The step of one stream of a fused recurrent model (``lstm``, ``gru``: PyTorch's fused layers, in
+    float32 or with the served int8 weights) runs as a TorchScript trace of :class:`_Step`, made at its
+    first call: the same operators on the same tensors, so the same numbers to the bit (a test checks
+    it), without the Python of the modules around them, which costs about as much as the operators in
+    a step of one token. The LayerNorm LSTM's time loop and the Transformer's cache depend on the
+    number of ids, which a trace would freeze, so they run eagerly, as does the batch-exact int8 kernel
+    (:mod:`nextword.quantize`).
+
+    ``torch.jit.trace`` is deprecated; ``torch.export``, its successor, cannot export the packed weights
+    of PyTorch's quantized LSTM. The decision: as for ``torch.ao``'s dynamic quantization
+    (:func:`nextword.quantize.fused_int8`), the PyTorch backend traces while the pinned torch ships it,
+    and falls back to the eager step without it; ONNX Runtime (``engine.backend: onnx``) is the way
+    forward.
+    """
 
     def __init__(self, model):
         self.model = model
         self.batch_invariant = batch_invariant(model)
+        config = model.config
+        self._traced = None
+        self._trace = config.cell in ONNX_CELLS and not self.batch_invariant and hasattr(torch.jit, "trace")
+        self._zeros = tuple(torch.zeros(config.layers, 1, config.hidden) for _ in state_names(config))
 
     @torch.no_grad()
     def run(self, token_ids: list[int], state):
+        ids = torch.tensor([token_ids])
+        if self._trace:
+            state = self._zeros if state is None else state if isinstance(state, tuple) else (state,)
+            if self._traced is None:
+                self._traced = _trace(self.model, ids, state)
+            log_probs, *state = self._traced(ids, *state)
+            return log_probs.numpy(), (tuple(state) if len(state) == 2 else state[0])
         # The output layer, the largest part of a step, runs only for the last token.
-        feats, state = self.model.features(torch.tensor([token_ids]), state)
+        feats, state = self.model.features(ids, state)
         return self.model.log_probs(feats[:, -1])[0].numpy(), state
 
     @torch.no_grad()
@@ -114,6 +140,29 @@ class TorchStep:
         for row, one in zip(order, self.model.split_state(state)):
             new_states[row] = one
         return log_probs[np.argsort(order)], new_states
+
+
+class _Step(torch.nn.Module):
+    """:meth:`TorchStep.run` as a module with the state as tensors: ``(ids, *state) -> (log_probs, *state)``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, *state: torch.Tensor):
+        feats, state = self.model.features(ids, state if len(state) == 2 else state[0])
+        return self.model.log_probs(feats[:, -1])[0], *(state if isinstance(state, tuple) else (state,))
+
+
+def _trace(model, ids: torch.Tensor, state: tuple):
+    """A TorchScript trace of ``model``'s step, for steps of any number of ids (see :class:`TorchStep`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # That tracing is deprecated (see TorchStep), and the quantized layers' shape checks, which
+        # a trace records as constants: the engine always passes ids of one stream and its own state.
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(_Step(model).eval(), (ids, *state), check_trace=False)
 
 
 class OnnxStep:
