@@ -70,17 +70,24 @@ def test_int8_products_are_summed_exactly():
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_the_traced_step_of_one_stream_is_the_eager_step_to_the_bit(cell, int8, adaptive):
+    from nextword.backends import TRACED_IDS
     from nextword.quantize import fused_int8
 
     torch.manual_seed(0)
     config = model_config(40, cell=cell, embedding=32, hidden=64, layers=2, adaptive_softmax=adaptive,
-                          cutoffs=[10, 20], tie_weights=not adaptive)
+                          cutoffs=[10, 20], tie_weights=not adaptive, context=6)
     model = LanguageModel(config).eval()
     model = fused_int8(model) if int8 else model
     served = TorchStep(model)
-    assert served._trace == (cell in ("lstm", "gru"))  # the others' steps depend on the number of ids
+    long_step = list(range(5, 6 + TRACED_IDS))  # more ids than get a trace of their own: run eagerly
     state = eager_state = None
-    for ids in STEPS + STEPS:  # traced at the first step, from no state; then steps of every length
+    if cell == "transformer":  # the served step starts from a full cache of padding, which the mask leaves out
+        eager_state = model.body.empty(1, memory=config.context - 1)
+        with torch.no_grad():
+            padded, empty = (model.log_probs(model.features(torch.tensor([STEPS[0]]), start)[0][:, -1])
+                             for start in (eager_state, None))
+        torch.testing.assert_close(padded, empty)  # the same up to float rounding
+    for ids in STEPS + STEPS + [long_step] + STEPS:  # from no state
         log_probs, state = served.run(ids, state)
         with torch.no_grad():
             feats, eager_state = model.features(torch.tensor([ids]), eager_state)
@@ -88,5 +95,6 @@ def test_the_traced_step_of_one_stream_is_the_eager_step_to_the_bit(cell, int8, 
         assert np.array_equal(log_probs, expected), ids
         for a, b in zip(*(s if isinstance(s, tuple) else (s,) for s in (state, eager_state))):
             assert torch.equal(a, b), ids
-    if cell in ("lstm", "gru"):
-        assert served._traced is not None
+    # One trace for any number of ids with the fused layers; else one per number of ids, up to TRACED_IDS.
+    expected_keys = {()} if cell in ("lstm", "gru") else {(len(ids),) for ids in STEPS}
+    assert set(served._traced) == expected_keys

@@ -65,40 +65,56 @@ def output_names(config: ModelConfig) -> list[str]:
 
 
 class TorchStep:
-    """The step in PyTorch; the state is the model's own (a tensor, or a pair for an LSTM).
+    """The step in PyTorch; the state is the model's own (a tensor, a pair for an LSTM, a KV cache).
 
-    The step of one stream of a fused recurrent model (``lstm``, ``gru``: PyTorch's fused layers, in
-    float32 or with the served int8 weights) runs as a TorchScript trace of :class:`_Step`, made at its
-    first call: the same operators on the same tensors, so the same numbers to the bit (a test checks
-    it), without the Python of the modules around them, which costs about as much as the operators in
-    a step of one token. The LayerNorm LSTM's time loop and the Transformer's cache depend on the
-    number of ids, which a trace would freeze, so they run eagerly, as does the batch-exact int8 kernel
-    (:mod:`nextword.quantize`).
+    The step of one stream runs as a TorchScript trace of :class:`_Step`: the same operators on the
+    same tensors, so the same numbers to the bit (a test checks it for every cell), without the Python
+    of the modules around them, which costs about as much as the operators in a step of one token. A
+    trace freezes the shapes that Python code reads, so one is made for each :meth:`_trace_key`, at its
+    first use: one for any number of ids with the fused LSTM and GRU layers; one per number of ids (up to
+    ``TRACED_IDS``) for the LayerNorm LSTM's time loop and the Transformer, whose cache must also be full
+    (``context - 1`` tokens). So the Transformer's first step starts from a full cache of padding, which
+    its mask leaves out (as :func:`nextword.transformer.stack_caches` pads a batch), not from an empty
+    one. The batch-exact int8 kernel (:mod:`nextword.quantize`) runs eagerly.
 
     ``torch.jit.trace`` is deprecated; ``torch.export``, its successor, cannot export the packed weights
     of PyTorch's quantized LSTM. The decision: as for ``torch.ao``'s dynamic quantization
     (:func:`nextword.quantize.fused_int8`), the PyTorch backend traces while the pinned torch ships it,
-    and falls back to the eager step without it; ONNX Runtime (``engine.backend: onnx``) is the way
-    forward.
+    and runs eagerly without it; ONNX Runtime (``engine.backend: onnx``) is the way forward.
     """
 
     def __init__(self, model):
         self.model = model
         self.batch_invariant = batch_invariant(model)
+        self._trace = not self.batch_invariant and hasattr(torch.jit, "trace")
+        self._traced: dict[tuple, torch.jit.ScriptModule] = {}
         config = model.config
-        self._traced = None
-        self._trace = config.cell in ONNX_CELLS and not self.batch_invariant and hasattr(torch.jit, "trace")
-        self._zeros = tuple(torch.zeros(config.layers, 1, config.hidden) for _ in state_names(config))
+        if config.cell == "transformer":  # a full cache of padding, so that every step has a trace
+            self._start = tuple(model.body.empty(1, memory=config.context - 1))
+        else:
+            self._start = tuple(torch.zeros(config.layers, 1, config.hidden) for _ in range(_parts(config.cell)))
+
+    def _trace_key(self, ids: int, state) -> tuple | None:
+        """What a trace of this step freezes (None: run it eagerly, see the class docstring)."""
+        config = self.model.config
+        if config.cell in ONNX_CELLS:
+            return ()
+        if ids > TRACED_IDS or (config.cell == "transformer" and state is not None
+                                and state.keys.shape[3] != config.context - 1):
+            return None
+        return (ids,)
 
     @torch.no_grad()
     def run(self, token_ids: list[int], state):
         ids = torch.tensor([token_ids])
-        if self._trace:
-            state = self._zeros if state is None else state if isinstance(state, tuple) else (state,)
-            if self._traced is None:
-                self._traced = _trace(self.model, ids, state)
-            log_probs, *state = self._traced(ids, *state)
-            return log_probs.numpy(), (tuple(state) if len(state) == 2 else state[0])
+        key = self._trace_key(len(token_ids), state) if self._trace else None
+        if key is not None:
+            parts = self._start if state is None else (state,) if isinstance(state, torch.Tensor) else tuple(state)
+            traced = self._traced.get(key)
+            if traced is None:
+                traced = self._traced[key] = _trace(self.model, ids, parts)
+            log_probs, *parts = traced(ids, *parts)
+            return log_probs.numpy(), _model_state(self.model.config.cell, parts)
         # The output layer, the largest part of a step, runs only for the last token.
         feats, state = self.model.features(ids, state)
         return self.model.log_probs(feats[:, -1])[0].numpy(), state
@@ -142,6 +158,24 @@ class TorchStep:
         return log_probs[np.argsort(order)], new_states
 
 
+# The most ids of one step that get a trace of their own, where a trace freezes their number (TorchStep).
+TRACED_IDS = 16
+
+
+def _parts(cell: str) -> int:
+    """How many tensors make the state of a ``cell``."""
+    return {"gru": 1, "transformer": 3}.get(cell, 2)
+
+
+def _model_state(cell: str, parts):
+    """The model's state from its tensors: one tensor, an LSTM's pair, or a Transformer's KV cache."""
+    if cell == "transformer":
+        from nextword.transformer import KVCache
+
+        return KVCache(*parts)
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
 class _Step(torch.nn.Module):
     """:meth:`TorchStep.run` as a module with the state as tensors: ``(ids, *state) -> (log_probs, *state)``."""
 
@@ -150,8 +184,8 @@ class _Step(torch.nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor, *state: torch.Tensor):
-        feats, state = self.model.features(ids, state if len(state) == 2 else state[0])
-        return self.model.log_probs(feats[:, -1])[0], *(state if isinstance(state, tuple) else (state,))
+        feats, state = self.model.features(ids, _model_state(self.model.config.cell, state))
+        return self.model.log_probs(feats[:, -1])[0], *((state,) if isinstance(state, torch.Tensor) else state)
 
 
 def _trace(model, ids: torch.Tensor, state: tuple):
@@ -159,8 +193,8 @@ def _trace(model, ids: torch.Tensor, state: tuple):
     import warnings
 
     with warnings.catch_warnings():
-        # That tracing is deprecated (see TorchStep), and the quantized layers' shape checks, which
-        # a trace records as constants: the engine always passes ids of one stream and its own state.
+        # That tracing is deprecated (see TorchStep), and the shape checks and sizes that a trace
+        # records as constants: TorchStep keys its traces by them.
         warnings.simplefilter("ignore")
         return torch.jit.trace(_Step(model).eval(), (ids, *state), check_trace=False)
 

@@ -114,9 +114,9 @@ class CausalTransformer(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.register_buffer("frequencies", rotary_frequencies(width // heads), persistent=False)
 
-    def empty(self, batch: int, device=None) -> KVCache:
-        """The state before the first token: no memory, at position 0."""
-        shape = (len(self.blocks), batch, self.heads, 0, self.width // self.heads)
+    def empty(self, batch: int, device=None, memory: int = 0) -> KVCache:
+        """The state before the first token, at position 0: no memory, or ``memory`` slots of padding."""
+        shape = (len(self.blocks), batch, self.heads, memory, self.width // self.heads)
         return KVCache(torch.zeros(shape, device=device), torch.zeros(shape, device=device),
                        torch.zeros(batch, dtype=torch.long, device=device))
 
