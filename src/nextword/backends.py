@@ -91,8 +91,8 @@ class TorchStep:
         config = model.config
         if config.cell == "transformer":  # a full cache of padding, so that every step has a trace
             self._start = tuple(model.body.empty(1, memory=config.context - 1))
-        else:
-            self._start = tuple(torch.zeros(config.layers, 1, config.hidden) for _ in range(_parts(config.cell)))
+        else:  # zeros: h, and c for both LSTMs
+            self._start = tuple(torch.zeros(config.layers, 1, config.hidden) for _ in range(1 + (config.cell != "gru")))
 
     def _trace_key(self, ids: int, state) -> tuple | None:
         """What a trace of this step freezes (None: run it eagerly, see the class docstring)."""
@@ -109,12 +109,12 @@ class TorchStep:
         ids = torch.tensor([token_ids])
         key = self._trace_key(len(token_ids), state) if self._trace else None
         if key is not None:
-            parts = self._start if state is None else (state,) if isinstance(state, torch.Tensor) else tuple(state)
+            parts = self._start if state is None else _tensors(state)
             traced = self._traced.get(key)
             if traced is None:
                 traced = self._traced[key] = _trace(self.model, ids, parts)
             log_probs, *parts = traced(ids, *parts)
-            return log_probs.numpy(), _model_state(self.model.config.cell, parts)
+            return log_probs.numpy(), _model_state(parts)
         # The output layer, the largest part of a step, runs only for the last token.
         feats, state = self.model.features(ids, state)
         return self.model.log_probs(feats[:, -1])[0].numpy(), state
@@ -162,14 +162,14 @@ class TorchStep:
 TRACED_IDS = 16
 
 
-def _parts(cell: str) -> int:
-    """How many tensors make the state of a ``cell``."""
-    return {"gru": 1, "transformer": 3}.get(cell, 2)
+def _tensors(state) -> tuple:
+    """The tensors of a model's state, in order: :func:`_model_state` undoes it."""
+    return (state,) if isinstance(state, torch.Tensor) else tuple(state)
 
 
-def _model_state(cell: str, parts):
-    """The model's state from its tensors: one tensor, an LSTM's pair, or a Transformer's KV cache."""
-    if cell == "transformer":
+def _model_state(parts):
+    """The model's state from its tensors: a GRU's one, an LSTM's pair, or a Transformer's KV cache (three)."""
+    if len(parts) == 3:
         from nextword.transformer import KVCache
 
         return KVCache(*parts)
@@ -184,8 +184,8 @@ class _Step(torch.nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor, *state: torch.Tensor):
-        feats, state = self.model.features(ids, _model_state(self.model.config.cell, state))
-        return self.model.log_probs(feats[:, -1])[0], *((state,) if isinstance(state, torch.Tensor) else state)
+        feats, state = self.model.features(ids, _model_state(state))
+        return self.model.log_probs(feats[:, -1])[0], *_tensors(state)
 
 
 def _trace(model, ids: torch.Tensor, state: tuple):
@@ -238,8 +238,7 @@ def torch_state(state):
     """A backend's state as the PyTorch model takes it: ONNX's numpy arrays become tensors."""
     if state is None or isinstance(state, torch.Tensor) or isinstance(state[0], torch.Tensor):
         return state  # PyTorch's own: a tensor, an LSTM's pair, a transformer's KV cache
-    parts = tuple(torch.as_tensor(part) for part in state)
-    return parts if len(parts) == 2 else parts[0]
+    return _model_state([torch.as_tensor(part) for part in state])
 
 
 @torch.no_grad()
