@@ -109,10 +109,12 @@ def main(args, params):
                                                         "latency_keystrokes")}
     latency["latency_conversations"] = timed.conversations
     lap("latency")
+    parts = engine_parts(engine, test, e.ablation_conversations)
+    lap("engine parts")
+    # Written together, once everything is measured: a failure before leaves none of this run's outputs.
     write_json(args.metrics, metrics)
     write_json(args.latency, latency)
-    write_text(args.parts, engine_parts(engine, test, e.ablation_conversations))
-    lap("engine parts")
+    write_text(args.parts, parts)
     for split in ("val", "test"):
         m = metrics[split]
         print(f"lstm {split}: perplexity {m['perplexity']:.2f} per token, {m['word_perplexity']:.2f} per word, "
