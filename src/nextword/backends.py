@@ -89,10 +89,9 @@ class TorchStep:
         self._trace = not self.batch_invariant and hasattr(torch.jit, "trace")
         self._traced: dict[tuple, torch.jit.ScriptModule] = {}
         config = model.config
-        if config.cell == "transformer":  # a full cache of padding, so that every step has a trace
-            self._start = tuple(model.body.empty(1, memory=config.context - 1))
-        else:  # zeros: h, and c for both LSTMs
-            self._start = tuple(torch.zeros(config.layers, 1, config.hidden) for _ in range(1 + (config.cell != "gru")))
+        # The state that None stands for; for the Transformer a full cache of padding, so that every step has a trace.
+        self._start = _tensors(model.body.empty(1, memory=config.context - 1) if config.cell == "transformer"
+                               else model.init_state(1))
 
     def _trace_key(self, ids: int, state) -> tuple | None:
         """What a trace of this step freezes (None: run it eagerly, see the class docstring)."""
