@@ -117,12 +117,12 @@ def test_with_the_cursor_inside_the_message_the_text_after_it_is_sent(browser, f
         box.press_sequentially("i like ", delay=15)
         expect(page.get_by_test_id("suggestion").first).to_have_attribute("data-word", "green")
         box.press_sequentially("wine .", delay=15)
-        for _ in "wine .":
-            box.press("ArrowLeft")  # back to the gap: "i like |wine ."
+        # Listening before the cursor moves: Chromium may fold the selectionchange events of quick moves into
+        # one, so the request for the gap can be the one of the last move back.
         with page.expect_request(lambda r: r.url.endswith("/api/suggest")
                                  and (r.post_data_json or {}).get("right") == "wine ."):
-            box.press("ArrowRight")
-            box.press("ArrowLeft")
+            for _ in "wine .":
+                box.press("ArrowLeft")  # back to the gap: "i like |wine ."
         expect(page.get_by_test_id("suggestion").first).to_have_attribute("data-word", "red")
         box.press("Tab")
         expect(box).to_have_value("i like red wine .")
