@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import PLAIN, save_servable, train_tiny_model
 from nextword.decoding import STRATEGIES
@@ -493,6 +495,19 @@ def test_equal_scores_go_to_the_lower_id_however_the_top_is_found():
     ids = np.array([4, 3, 9, 1, 0])
     assert best(scores, ids, 2).tolist() == [3, 1]  # the 2.0s of ids 1 and 3, not 9
     assert best(scores, ids, 9).tolist() == [3, 1, 2, 0, 4]
-    wide = np.zeros(5000, dtype=np.float32)  # long enough for torch's top-k: ties everywhere
+    wide = np.zeros(5000, dtype=np.float32)  # ties everywhere near the top
     wide[[4000, 17]] = 1.0
     assert best(wide, np.arange(5000)[::-1].copy(), 4).tolist() == [4000, 17, 4999, 4998]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([-60.0, -30.0, -13.0, -9.0, -5.0, -4.0, -1.0, 0.0, 0.5]), min_size=1, max_size=60),
+       st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_the_top_is_the_top_of_a_full_sort_whatever_the_spread_of_scores(values, want, seed):
+    """Scores far apart, close together or tied: each bound best() tries, and its last resort, are exercised."""
+    from nextword.engine import best
+
+    scores = np.array(values, dtype=np.float32)
+    ids = np.random.default_rng(seed).permutation(len(scores))
+    expected = np.lexsort((ids, -scores))[:want]
+    assert best(scores, ids, want).tolist() == expected.tolist()

@@ -77,6 +77,8 @@ FIM_CANDIDATES = 32
 FIM_RIGHT_TOKENS = 4
 # The engine settings that weigh what is mixed into the model's next-token distribution (see Engine.remixed).
 MIX_WEIGHTS = ("ngram_weight", "cache_weight", "cache_bigram_weight")
+# best(): how far below the highest score (in log-probability) the candidates for the top are looked for, in turn.
+CANDIDATE_GAPS = (4.0, 12.0)
 
 
 def best(scores: np.ndarray, ids: np.ndarray, want: int, last: float | None = None) -> np.ndarray:
@@ -86,14 +88,22 @@ def best(scores: np.ndarray, ids: np.ndarray, want: int, last: float | None = No
     is a candidate, so the choice among ties never depends on how the top is found. ``last``
     is the ``want``-th highest score, when it is already known.
     """
-    if want < len(scores):
-        if last is None and len(scores) > 2048:  # torch's top-k is several times faster than partitioning here
-            last = torch.topk(torch.from_numpy(scores), want, sorted=False).values.min().item()
-        elif last is None:
-            last = np.partition(scores, len(scores) - want)[len(scores) - want]
+    if want >= len(scores):
+        top = np.arange(len(scores))
+    elif last is not None:
         top = np.flatnonzero(scores >= last)
     else:
-        top = np.arange(len(scores))
+        # Every score at or above a bound is a candidate; once there are ``want`` of them, the bound is at
+        # most the want-th highest score, so the top (ties included) is among them. A distribution puts
+        # few words near its peak, so the first bound nearly always does: two passes over the scores
+        # instead of a partition.
+        peak = scores.max()
+        for gap in CANDIDATE_GAPS:
+            top = np.flatnonzero(scores >= peak - gap)
+            if len(top) >= want:
+                break
+        else:
+            top = np.flatnonzero(scores >= np.partition(scores, len(scores) - want)[len(scores) - want])
     return top[np.lexsort((ids[top], -scores[top]))][:want]
 
 
@@ -204,36 +214,41 @@ class Engine:
     def mix_rows(self, log_probs: np.ndarray, histories, caches) -> np.ndarray:
         """:meth:`mix` of each row of ``[rows, vocabulary]`` log-probs, in one pass over the batch.
 
+        The parts nest: the n-gram is mixed into the LSTM with weight ``a``, then the cache's words into
+        that with ``c``, then the last token's followers with ``b``, each part only where it has
+        something to say. So a row is ``k_lstm P_lstm + k_ngram P_ngram + k_c P_c + k_b P_b``, with
+        ``k_lstm = (1 - a)(1 - c)(1 - b)`` and so on; the products are worked out per row first, and
+        the vocabulary-wide arrays are passed over once per term (this runs on the keystroke's clock).
         Every operation is elementwise or within a row, so a row comes out the same alone or in a batch.
         """
         weights = (self.options.cache_weight, self.options.cache_bigram_weight)
-        parts = []  # per part: (weight, the rows it is mixed into, their {id: count})
-        for part, w in enumerate(weights):
-            rows, counts = [], []
-            for row, cache in enumerate(caches):
-                found = None if cache is None else (cache.words if part == 0 else cache.followers.get(cache.last))
-                if w and found:
-                    rows.append(row)
-                    counts.append(found)
-            if rows:
-                parts.append((w, rows, counts))
-        if self.ngram is None and not parts:
+        rows = len(log_probs)
+        found = [[None] * rows, [None] * rows]  # per cache part and row: its {id: count}, where it has some
+        for row, cache in enumerate(caches):
+            if cache is not None:
+                found[0][row] = cache.words or None
+                found[1][row] = cache.followers.get(cache.last) or None
+        # Each part's weight in a row, and what the parts nested inside it leave of it.
+        own = [np.array([w if f is not None else 0.0 for f in part], dtype=np.float64)
+               for w, part in zip(weights, found)]
+        if self.ngram is None and not any(o.any() for o in own):
             return log_probs
+        left = (1 - own[0]) * (1 - own[1])  # what the cache parts leave of the LSTM and the n-gram
+        a = self.options.ngram_weight if self.ngram is not None else 0.0
         p = np.exp(log_probs)
+        p *= ((1 - a) * left).astype(np.float32)[:, None]
         if self.ngram is not None:
-            a = self.options.ngram_weight
-            p *= 1 - a
-            p += self.ngram.next_probs(histories, dtype=np.float32, scale=a)
-        for w, rows, counts in parts:
-            keep = np.ones((len(p), 1), dtype=np.float32)  # times 1 is exact: rows without the part are unchanged
-            keep[rows] = 1 - w
-            p *= keep
-            ids = [np.fromiter(c.keys(), dtype=np.int64, count=len(c)) for c in counts]
-            n = [np.fromiter(c.values(), dtype=np.float32, count=len(c)) for c in counts]
-            lengths = [len(c) for c in counts]
-            # Each row's share of w, w * n / n.sum() row by row; a row's ids are distinct, so a plain add is exact.
-            totals = np.repeat(np.array([x.sum() for x in n], dtype=np.float32), lengths)
-            p[np.repeat(rows, lengths), np.concatenate(ids)] += w * np.concatenate(n) / totals
+            p += self.ngram.next_probs(histories, dtype=np.float32, scale=a * left)
+        for part, scale in enumerate((own[0] * (1 - own[1]), own[1])):
+            counts = [(row, c) for row, c in enumerate(found[part]) if c is not None and scale[row]]
+            if not counts:
+                continue
+            ids = [np.fromiter(c.keys(), dtype=np.int64, count=len(c)) for _, c in counts]
+            n = [np.fromiter(c.values(), dtype=np.float64, count=len(c)) for _, c in counts]
+            share = np.concatenate([scale[row] * x / x.sum() for (row, _), x in zip(counts, n)])
+            # A row's ids are distinct, so a plain indexed add is exact.
+            p[np.repeat([row for row, _ in counts], [len(x) for x in n]), np.concatenate(ids)] += \
+                share.astype(np.float32)
         return np.log(p, out=p)
 
     def run(self, token_ids: list[int], state):

@@ -218,10 +218,11 @@ class KneserNey:
             out.append(cur)
         return out
 
-    def _dense(self, b: int, contexts: list[np.ndarray], dtype=np.float64, scale: float = 1.0) -> np.ndarray:
-        """``[b, V]`` distributions (times ``scale``) for context indices per order 2 .. N (-1: context unseen)."""
+    def _dense(self, b: int, contexts: list[np.ndarray], dtype=np.float64, scale=1.0) -> np.ndarray:
+        """``[b, V]`` distributions (times ``scale``, one or one per row) for context indices per order
+        2 .. N (-1: context unseen)."""
         # Weight of each order's term: the product of the gammas of all orders above it.
-        weights = [np.full(b, scale)]
+        weights = [np.broadcast_to(np.asarray(scale, dtype=np.float64), (b,)).copy()]
         for o, ctx in zip(reversed(self.orders), reversed(contexts)):
             gamma = np.where(ctx >= 0, o.gamma[np.maximum(ctx, 0)], 1.0)
             weights.append(weights[-1] * gamma)
@@ -241,10 +242,11 @@ class KneserNey:
             flat[row_of * self.vocab_size + o.words[gram]] += (w[row_of] * o.alpha[gram]).astype(dtype)
         return probs
 
-    def next_probs(self, histories: Sequence[Sequence[int]], dtype=np.float64, scale: float = 1.0) -> np.ndarray:
-        """``[B, V]`` next-id distributions after each history (only the last N - 1 ids matter), times ``scale``."""
+    def next_probs(self, histories: Sequence[Sequence[int]], dtype=np.float64, scale=1.0) -> np.ndarray:
+        """``[B, V]`` next-id distributions after each history (only the last N - 1 ids matter), times
+        ``scale`` (one number, or one per history)."""
         if len(histories) == 1:
-            return self._next_probs_one(histories[0], dtype, scale)[None]
+            return self._next_probs_one(histories[0], dtype, float(np.ravel(scale)[0]))[None]
         width = self.order - 1
         seqs = np.full((len(histories), max(width, 1)), -1, dtype=np.int64)
         for i, h in enumerate(histories):
