@@ -65,15 +65,19 @@ def rotary_frequencies(width: int) -> torch.Tensor:
 
 
 def rotary(positions: torch.Tensor, frequencies: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles at ``positions [batch, time]``: ``[batch, 1, time, width / 2]``."""
+    """The rotary angles at ``positions [batch, time]`` as :func:`rotate` takes them, ``[batch, 1, time, width]``
+    each: ``(cos, cos)`` and ``(-sin, sin)`` over the two halves of a head."""
     angles = positions.to(torch.float64).unsqueeze(-1) * frequencies
-    return angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
+    cos, sin = angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs (first half, second half) of ``x [batch, heads, time, width]`` by the angles."""
+    """Rotate the pairs (first half ``a``, second half ``b``) of ``x [..., time, width]`` by the angles of
+    :func:`rotary`: ``(a cos - b sin, b cos + a sin)``, as ``x cos + (b, a) sin`` (the same numbers: a sum
+    of two rounded products either way), in a few operations on the whole of ``x``."""
     a, b = x.chunk(2, dim=-1)
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return x * cos + torch.cat([b, a], dim=-1) * sin
 
 
 class Block(nn.Module):
@@ -88,13 +92,19 @@ class Block(nn.Module):
         self.up = nn.Linear(width, 4 * width)
         self.down = nn.Linear(4 * width, width)
 
-    def forward(self, x, cos, sin, mask, past_keys, past_values):
-        """``x [batch, time, width]`` -> (new x, keys and values of the memory plus these tokens)."""
+    def forward(self, x, cos, sin, mask, past_keys, past_values, out_keys=None, out_values=None):
+        """``x [batch, time, width]`` -> (new x, keys and values of the memory plus these tokens), the keys and
+        values written into ``out_keys`` and ``out_values`` when given."""
         batch, steps, width = x.shape
-        q, k, v = self.qkv(self.norm_attention(x)).view(batch, steps, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        keys = torch.cat([past_keys.to(k.dtype), k], dim=2)
-        values = torch.cat([past_values.to(v.dtype), v], dim=2)
+        qkv = self.qkv(self.norm_attention(x)).view(batch, steps, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = rotate(qkv[:2], cos, sin)  # queries and keys in one go
+        v = qkv[2]
+        if out_keys is None:
+            keys = torch.cat([past_keys.to(k.dtype), k], dim=2)
+            values = torch.cat([past_values.to(v.dtype), v], dim=2)
+        else:  # straight into the layer's slice of the new cache (no gradient goes through ``out=``)
+            keys = torch.cat([past_keys.to(k.dtype), k], dim=2, out=out_keys)
+            values = torch.cat([past_values.to(v.dtype), v], dim=2, out=out_values)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                   dropout_p=self.dropout if self.training else 0.0)
         x = x + F.dropout(self.out(attended.transpose(1, 2).reshape(batch, steps, width)), self.dropout,
@@ -133,14 +143,21 @@ class CausalTransformer(nn.Module):
         mask = ((distance >= 0) & (distance < self.context) & (key_positions >= 0).unsqueeze(1)).unsqueeze(1)
         h = self.input(x) if self.input is not None else x
         cos, sin = rotary(new_positions, self.frequencies, h.dtype)
-        all_keys, all_values = [], []
-        for i, block in enumerate(self.blocks):
-            h, keys, values = block(h, cos, sin, mask, state.keys[i], state.values[i])
-            all_keys.append(keys)
-            all_values.append(values)
+        shape = (len(self.blocks), batch, self.heads, memory + steps, self.width // self.heads)
+        if torch.is_grad_enabled():  # training: the layers' keys and values stacked after them
+            all_keys, all_values = [], []
+            for i, block in enumerate(self.blocks):
+                h, keys, values = block(h, cos, sin, mask, state.keys[i], state.values[i])
+                all_keys.append(keys)
+                all_values.append(values)
+            keys, values = torch.stack(all_keys), torch.stack(all_values)
+        else:  # a step of the engine: each layer writes its keys and values into the new cache, one copy fewer
+            keys, values = h.new_empty(shape), h.new_empty(shape)
+            for i, block in enumerate(self.blocks):
+                h, _, _ = block(h, cos, sin, mask, state.keys[i], state.values[i], keys[i], values[i])
         keep = min(self.context - 1, memory + steps)
-        keys = torch.stack(all_keys)[:, :, :, memory + steps - keep:]
-        values = torch.stack(all_values)[:, :, :, memory + steps - keep:]
+        keys = keys[:, :, :, memory + steps - keep:]
+        values = values[:, :, :, memory + steps - keep:]
         return self.norm(h), KVCache(keys, values, state.positions + steps)
 
 
