@@ -137,7 +137,7 @@ class TrainParams(_Section):
     # Stop after this many optimizer steps per epoch (0: the whole epoch);
     # used by the chat preset to fit a time budget, and by tests.
     max_steps_per_epoch: int = Field(ge=0)
-    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU (fast where it has AVX512-BF16 or AMX).
+    # auto: bf16 autocast where the hardware has bf16 products (CUDA that supports it, CPUs with AMX), else fp32.
     precision: Literal["auto", "fp32", "bf16"]
     processes: int = Field(ge=1)  # >1: the stage relaunches itself under torchrun with this many
     # plateau: lr times lr_decay when val loss stops improving; cosine: linear warmup over warmup_steps,

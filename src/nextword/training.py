@@ -29,10 +29,9 @@ trains from scratch. A damaged checkpoint is reported in one line, set aside
 as ``<name>.damaged``, and the run starts over.
 
 Device: ``device: auto`` picks CUDA when present; ``precision: auto`` then
-trains under bf16 autocast where the GPU supports bf16 (fp32 master weights,
-so no loss scaling), fp32 on older GPUs. On CPU the default is fp32;
-``precision: bf16`` is faster on CPUs with AVX512-BF16 or AMX (and much
-slower on CPUs without), see ``nextword.bench``.
+trains under bf16 autocast where the hardware has native bf16 products (fp32
+master weights, so no loss scaling): GPUs that support it, and CPUs with AMX;
+fp32 elsewhere (:func:`autocast_dtype`). Validation is always scored in fp32.
 
 Scale-out with DistributedDataParallel. Under ``torchrun`` (``WORLD_SIZE`` >
 1) each rank trains on its share of the lanes: the global batch of
@@ -72,6 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -113,10 +113,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision`` on ``device``; None for plain fp32."""
+    """The autocast dtype for ``train.precision`` on ``device``; None for plain fp32.
+
+    ``auto`` is bf16 where the hardware multiplies bf16 natively: a GPU that supports it, or a CPU with
+    AMX (Intel's matrix tiles), where oneDNN's bf16 kernels train the chat model about half as fast
+    again (docs/results.md). Elsewhere, CPUs without AMX included, it is fp32. So ``auto`` can differ
+    between two machines, as their float kernels already do; ``fp32`` or ``bf16`` pins it.
+    """
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_amx()
+        return torch.bfloat16 if native else None
     return torch.bfloat16 if precision == "bf16" else None
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (the ``amx_bf16`` flag of Linux's /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in info)
+    except OSError:
+        return False
 
 
 def seed_everything(seed: int, threads: int = 0) -> None:
@@ -293,6 +310,9 @@ def train(
         torch.manual_seed(seed + rank)  # other dropout masks than rank 0's
     amp_dtype = autocast_dtype(params.precision, device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    if rank == 0:
+        log.info("training on %s in %s (train.precision %s)", device, "bf16" if amp_dtype else "fp32",
+                 params.precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, fused=device.type in ("cpu", "cuda"))
     runner = _WithLoss(model)
     if world > 1:
@@ -314,7 +334,9 @@ def train(
     plateau, per_step = schedules(optimizer, params, steps)
 
     settings = params.model_dump(exclude=NOT_FINGERPRINTED)
-    key = fingerprint(code_fingerprint(), model.config, settings, seed, world, train_windows, val_windows)
+    # The precision ``auto`` resolved to here: a run interrupted on another machine resumes only in the same one.
+    key = fingerprint(code_fingerprint(), model.config, settings, str(amp_dtype), seed, world, train_windows,
+                      val_windows)
     result = TrainResult()
     start_epoch = 1
     saved = read_checkpoint(Path(checkpoint), key) if rank == 0 and checkpoint else None
