@@ -99,12 +99,10 @@ class Block(nn.Module):
         qkv = self.qkv(self.norm_attention(x)).view(batch, steps, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k = rotate(qkv[:2], cos, sin)  # queries and keys in one go
         v = qkv[2]
-        if out_keys is None:
-            keys = torch.cat([past_keys.to(k.dtype), k], dim=2)
-            values = torch.cat([past_values.to(v.dtype), v], dim=2)
-        else:  # straight into the layer's slice of the new cache (no gradient goes through ``out=``)
-            keys = torch.cat([past_keys.to(k.dtype), k], dim=2, out=out_keys)
-            values = torch.cat([past_values.to(v.dtype), v], dim=2, out=out_values)
+        # Into the layer's slice of the new cache where one is given (outside training: no gradient goes
+        # through ``out=``), else into new tensors.
+        keys = torch.cat([past_keys.to(k.dtype), k], dim=2, out=out_keys)
+        values = torch.cat([past_values.to(v.dtype), v], dim=2, out=out_values)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                   dropout_p=self.dropout if self.training else 0.0)
         x = x + F.dropout(self.out(attended.transpose(1, 2).reshape(batch, steps, width)), self.dropout,
@@ -143,7 +141,6 @@ class CausalTransformer(nn.Module):
         mask = ((distance >= 0) & (distance < self.context) & (key_positions >= 0).unsqueeze(1)).unsqueeze(1)
         h = self.input(x) if self.input is not None else x
         cos, sin = rotary(new_positions, self.frequencies, h.dtype)
-        shape = (len(self.blocks), batch, self.heads, memory + steps, self.width // self.heads)
         if torch.is_grad_enabled():  # training: the layers' keys and values stacked after them
             all_keys, all_values = [], []
             for i, block in enumerate(self.blocks):
@@ -152,6 +149,7 @@ class CausalTransformer(nn.Module):
                 all_values.append(values)
             keys, values = torch.stack(all_keys), torch.stack(all_values)
         else:  # a step of the engine: each layer writes its keys and values into the new cache, one copy fewer
+            shape = (len(self.blocks), batch, self.heads, memory + steps, self.width // self.heads)
             keys, values = h.new_empty(shape), h.new_empty(shape)
             for i, block in enumerate(self.blocks):
                 h, _, _ = block(h, cos, sin, mask, state.keys[i], state.values[i], keys[i], values[i])
