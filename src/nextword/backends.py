@@ -17,9 +17,11 @@ whole batch with one scale, so the ONNX step runs one stream at a time.
 
 The ONNX graph (:func:`nextword.export.export_onnx` writes it) is one such
 step with the state as explicit inputs and outputs, since ONNX Runtime keeps
-nothing between calls: inputs ``ids`` ([1, steps] int64), ``h`` and, for an
-LSTM, ``c`` ([layers, 1, hidden] each); outputs ``log_probs`` ([1, vocabulary],
-the last position only) and the new ``h_out`` and ``c_out``.
+nothing between calls: inputs ``ids`` ([1, steps] int64) and the state
+(:func:`state_names`: ``h`` and, for an LSTM, ``c``, [layers, 1, hidden]
+each; for a Transformer its KV cache of ``context - 1`` tokens); outputs
+``log_probs`` ([1, vocabulary], the last position only) and the new state
+(``h_out``, ``c_out``, ...).
 
 Scoring several continuations from one state (:func:`continuation_log_probs`,
 the engine's fill-in-the-middle) always runs in PyTorch: the exported graph
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nextword.config import ONNX_CELLS, ModelConfig
+from nextword.config import FUSED_CELLS, ONNX_CELLS, ModelConfig
 from nextword.errors import NextwordError, damaged
 from nextword.quantize import batch_invariant, one_thread
 
@@ -42,17 +44,19 @@ from nextword.quantize import batch_invariant, one_thread
 def require_onnx_cell(config: ModelConfig) -> None:
     """Refuse, in one line, a model whose step has no ONNX graph.
 
-    The LayerNorm LSTM's time loop and the Transformer's cache would need a
-    graph of their own (a scripted loop; a cache of varying length), which
-    :mod:`nextword.export` does not write: they run on the PyTorch backend.
+    The LayerNorm LSTM's time loop would need a scripted loop of its own,
+    which :mod:`nextword.export` does not write: it runs on the PyTorch backend.
     """
     if config.cell not in ONNX_CELLS:
-        raise NextwordError(f"model.cell {config.cell} has no ONNX export (only {' and '.join(ONNX_CELLS)}); "
+        raise NextwordError(f"model.cell {config.cell} has no ONNX export (only {', '.join(ONNX_CELLS)}); "
                             "use engine.backend torch")
 
 
 def state_names(config: ModelConfig) -> list[str]:
-    """The graph's state inputs, in order: ``h`` and ``c`` for an LSTM, ``h`` for a GRU."""
+    """The graph's state inputs, in order: ``h`` and ``c`` for an LSTM, ``h`` for a GRU, and the KV cache's
+    ``keys``, ``values`` and ``positions`` for a Transformer (the fields of :class:`nextword.transformer.KVCache`)."""
+    if config.cell == "transformer":
+        return ["keys", "values", "positions"]
     return ["h", "c"] if config.cell == "lstm" else ["h"]
 
 
@@ -88,15 +92,12 @@ class TorchStep:
         self.batch_invariant = batch_invariant(model)
         self._trace = not self.batch_invariant and hasattr(torch.jit, "trace")
         self._traced: dict[tuple, torch.jit.ScriptModule] = {}
-        config = model.config
-        # The state that None stands for; for the Transformer a full cache of padding, so that every step has a trace.
-        self._start = _tensors(model.body.empty(1, memory=config.context - 1) if config.cell == "transformer"
-                               else model.init_state(1))
+        self._start = start_state(model)
 
     def _trace_key(self, ids: int, state) -> tuple | None:
         """What a trace of this step freezes (None: run it eagerly, see the class docstring)."""
         config = self.model.config
-        if config.cell in ONNX_CELLS:
+        if config.cell in FUSED_CELLS:
             return ()
         if ids > TRACED_IDS or (config.cell == "transformer" and state is not None
                                 and state.keys.shape[3] != config.context - 1):
@@ -108,12 +109,12 @@ class TorchStep:
         ids = torch.tensor([token_ids])
         key = self._trace_key(len(token_ids), state) if self._trace else None
         if key is not None:
-            parts = self._start if state is None else _tensors(state)
+            parts = self._start if state is None else state_tensors(state)
             traced = self._traced.get(key)
             if traced is None:
                 traced = self._traced[key] = _trace(self.model, ids, parts)
             log_probs, *parts = traced(ids, *parts)
-            return log_probs.numpy(), _model_state(parts)
+            return log_probs.numpy(), model_state(parts)
         # The output layer, the largest part of a step, runs only for the last token.
         feats, state = self.model.features(ids, state)
         return self.model.log_probs(feats[:, -1])[0].numpy(), state
@@ -161,12 +162,20 @@ class TorchStep:
 TRACED_IDS = 16
 
 
-def _tensors(state) -> tuple:
-    """The tensors of a model's state, in order: :func:`_model_state` undoes it."""
+def state_tensors(state) -> tuple:
+    """The tensors of a model's state, in order: :func:`model_state` undoes it."""
     return (state,) if isinstance(state, torch.Tensor) else tuple(state)
 
 
-def _model_state(parts):
+def start_state(model) -> tuple:
+    """The tensors of the state that None stands for, one stream: zeros, and for a Transformer a full cache
+    of padding (so that every step has the same shapes: a trace for each number of ids, one ONNX graph)."""
+    if model.config.cell == "transformer":
+        return state_tensors(model.body.empty(1, memory=model.config.context - 1))
+    return state_tensors(model.init_state(1))
+
+
+def model_state(parts):
     """The model's state from its tensors: a GRU's one, an LSTM's pair, or a Transformer's KV cache (three)."""
     if len(parts) == 3:
         from nextword.transformer import KVCache
@@ -183,8 +192,8 @@ class _Step(torch.nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor, *state: torch.Tensor):
-        feats, state = self.model.features(ids, _model_state(state))
-        return self.model.log_probs(feats[:, -1])[0], *_tensors(state)
+        feats, state = self.model.features(ids, model_state(state))
+        return self.model.log_probs(feats[:, -1])[0], *state_tensors(state)
 
 
 def _trace(model, ids: torch.Tensor, state: tuple):
@@ -224,7 +233,10 @@ class OnnxStep:
                                 f"expected {input_names(config)}, {config.vocab_size}); export it again")
         self.batch_invariant = False
         self.names = state_names(config)
-        self.zeros = tuple(np.zeros((config.layers, 1, config.hidden), dtype=np.float32) for _ in self.names)
+        # The state before the first step: zeros of the graph's own state shapes (all fixed), which for a
+        # Transformer is a full cache of padding at position 0, as in TorchStep.
+        self.zeros = tuple(np.zeros(i.shape, dtype=np.int64 if i.type == "tensor(int64)" else np.float32)
+                           for i in self.session.get_inputs()[1:])
 
     def run(self, token_ids: list[int], state):
         feeds = dict(zip(self.names, self.zeros if state is None else state))
@@ -237,7 +249,7 @@ def torch_state(state):
     """A backend's state as the PyTorch model takes it: ONNX's numpy arrays become tensors."""
     if state is None or isinstance(state, torch.Tensor) or isinstance(state[0], torch.Tensor):
         return state  # PyTorch's own: a tensor, an LSTM's pair, a transformer's KV cache
-    return _model_state([torch.as_tensor(part) for part in state])
+    return model_state([torch.as_tensor(part) for part in state])
 
 
 @torch.no_grad()

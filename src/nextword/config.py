@@ -23,7 +23,8 @@ BACKENDS = ("torch", "onnx")  # what runs the engine's model step (nextword.back
 # The model families (nextword.model): fused LSTM or GRU layers, the LayerNorm LSTM (nextword.lnlstm),
 # or a causal Transformer decoder (nextword.transformer).
 CELLS = ("lstm", "gru", "lnlstm", "transformer")
-ONNX_CELLS = ("lstm", "gru")  # the cells whose step nextword.export writes as ONNX
+FUSED_CELLS = ("lstm", "gru")  # the cells whose layers are PyTorch's fused recurrent modules (one kernel per layer)
+ONNX_CELLS = ("lstm", "gru", "transformer")  # the cells whose step nextword.export writes as ONNX
 
 
 class _Section(BaseModel):
@@ -225,7 +226,7 @@ class Params(_Section):
     @model_validator(mode="after")
     def _onnx_exports_the_cell(self):
         if self.engine.backend == "onnx" and self.model.cell not in ONNX_CELLS:
-            raise ValueError(f"engine.backend onnx exports model.cell {' or '.join(ONNX_CELLS)} only, "
+            raise ValueError(f"engine.backend onnx exports model.cell {', '.join(ONNX_CELLS)} only, "
                              f"not {self.model.cell}: set engine.backend torch")
         return self
 

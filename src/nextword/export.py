@@ -29,9 +29,17 @@ shape typing chat conversations (``nextword export --int8 --check-csv``):
   bought no agreement and cost time.
 
 ONNX Runtime quantizes LSTM layers but not GRU layers, which stay in float32.
+A Transformer's products (the attention's input and output, the MLP) take one
+scale per tensor, its output layer one per column, as above.
 
-Only the ``lstm`` and ``gru`` cells export; the others are refused in one line
-(:func:`nextword.backends.require_onnx_cell`).
+The ``lstm``, ``gru`` and ``transformer`` cells export; the LayerNorm LSTM is
+refused in one line (:func:`nextword.backends.require_onnx_cell`). A
+Transformer's state is its KV cache, always ``context - 1`` tokens long (the
+first step's is padding, which the mask leaves out, as in
+:class:`nextword.backends.TorchStep`), so the graph's state has fixed shapes
+and only the number of ids varies; it is exported through the same code as
+training's forward pass (stacking the layers' caches, since the exporter has
+no ``out=``).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextword.backends import input_names, output_names, require_onnx_cell
+from nextword.backends import model_state, state_tensors, input_names, output_names, require_onnx_cell, start_state
 from nextword.files import atomic_path
 from nextword.model import LanguageModel
 
@@ -66,20 +74,21 @@ def adaptive_log_prob(head: nn.AdaptiveLogSoftmaxWithLoss, features: torch.Tenso
 
 
 class StepGraph(nn.Module):
-    """What is exported: ``(ids, h[, c]) -> (log_probs, h_out[, c_out])`` for one step of ``model``."""
+    """What is exported: ``(ids, *state) -> (log_probs, *new state)`` for one step of ``model``, the state
+    as the tensors :func:`nextword.backends.state_names` names."""
 
     def __init__(self, model: LanguageModel):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, *state: torch.Tensor):
         model = self.model
-        feats, state = model.features(ids, h if c is None else (h, c))
+        feats, state = model.features(ids, model_state(state))
         if model.head is not None:
             log_probs = adaptive_log_prob(model.head, feats[:, -1])
         else:  # [1, 1, features] in: the exporter writes MatMul and Add, not the Gemm it writes for a matrix
             log_probs = F.log_softmax(model.decoder(feats[:, -1:]), dim=-1)[:, 0]
-        return (log_probs, *state) if c is not None else (log_probs, state)
+        return log_probs, *state_tensors(state)
 
 
 def export_onnx(model: LanguageModel, path: str | Path, int8: bool = False) -> int:
@@ -87,8 +96,7 @@ def export_onnx(model: LanguageModel, path: str | Path, int8: bool = False) -> i
     config = model.config
     require_onnx_cell(config)
     model = model.cpu().eval()
-    state = torch.zeros(config.layers, 1, config.hidden)
-    example = (torch.tensor([[1, 2]]), *([state] * (len(input_names(config)) - 1)))
+    example = (torch.tensor([[1, 2]]), *start_state(model))
     with atomic_path(path) as tmp:
         graph = tmp.with_name("float32.onnx") if int8 else tmp
         with warnings.catch_warnings():

@@ -41,6 +41,7 @@ attention weights and on each block's residual branches.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -85,6 +86,9 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.dropout = dropout
+        # The attention's default scale, as a number: the ONNX export then has it as a constant instead of
+        # working it out from the queries' shape at every step (the same value, so the same numbers).
+        self.scale = 1 / math.sqrt(width // heads)
         self.norm_attention = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
@@ -103,7 +107,7 @@ class Block(nn.Module):
         # through ``out=``), else into new tensors.
         keys = torch.cat([past_keys.to(k.dtype), k], dim=2, out=out_keys)
         values = torch.cat([past_values.to(v.dtype), v], dim=2, out=out_values)
-        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                                   dropout_p=self.dropout if self.training else 0.0)
         x = x + F.dropout(self.out(attended.transpose(1, 2).reshape(batch, steps, width)), self.dropout,
                           self.training)
@@ -141,7 +145,8 @@ class CausalTransformer(nn.Module):
         mask = ((distance >= 0) & (distance < self.context) & (key_positions >= 0).unsqueeze(1)).unsqueeze(1)
         h = self.input(x) if self.input is not None else x
         cos, sin = rotary(new_positions, self.frequencies, h.dtype)
-        if torch.is_grad_enabled():  # training: the layers' keys and values stacked after them
+        # Training, and the ONNX export (which has no ``out=``): the layers' keys and values stacked after them.
+        if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export():
             all_keys, all_values = [], []
             for i, block in enumerate(self.blocks):
                 h, keys, values = block(h, cos, sin, mask, state.keys[i], state.values[i])
