@@ -76,9 +76,10 @@ def rotary(positions: torch.Tensor, frequencies: torch.Tensor, dtype: torch.dtyp
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs (first half ``a``, second half ``b``) of ``x [..., time, width]`` by the angles of
     :func:`rotary`: ``(a cos - b sin, b cos + a sin)``, as ``x cos + (b, a) sin`` (the same numbers: a sum
-    of two rounded products either way), in a few operations on the whole of ``x``."""
-    a, b = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([b, a], dim=-1) * sin
+    of two rounded products either way), in a few operations on the whole of ``x``. The halves are cut at
+    a width fixed by the angles, so an exported graph has no shape arithmetic for it."""
+    half = cos.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 class Block(nn.Module):
@@ -142,7 +143,9 @@ class CausalTransformer(nn.Module):
         key_positions = torch.cat([start - memory + torch.arange(memory, device=x.device), new_positions], dim=1)
         distance = new_positions.unsqueeze(2) - key_positions.unsqueeze(1)  # [batch, time, memory + time]
         # Itself and the context - 1 tokens before it; memory padding sits at negative positions.
-        mask = ((distance >= 0) & (distance < self.context) & (key_positions >= 0).unsqueeze(1)).unsqueeze(1)
+        seen = ((distance >= 0) & (distance < self.context) & (key_positions >= 0).unsqueeze(1)).unsqueeze(1)
+        # As an additive mask, made once for every layer: what the attention makes of a boolean one anyway.
+        mask = torch.where(seen, 0.0, float("-inf"))
         h = self.input(x) if self.input is not None else x
         cos, sin = rotary(new_positions, self.frequencies, h.dtype)
         # Training, and the ONNX export (which has no ``out=``): the layers' keys and values stacked after them.
