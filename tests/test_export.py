@@ -70,7 +70,7 @@ def test_the_adaptive_softmax_written_for_export_equals_pytorchs():
 def test_the_exported_step_gives_pytorchs_log_probs_and_state(tmp_path, shape):
     model = random_model(**shape)
     export_onnx(model, tmp_path / "step.onnx")
-    exported, reference = OnnxStep(tmp_path / "step.onnx", model.config), TorchStep(model)
+    exported, reference = OnnxStep(tmp_path / "step.onnx", model), TorchStep(model)
     onnx_state = torch_state = None
     # several ids in one call, one id, and the state carried between
     for ids in ([4, 7, 9, 2], [11], [5, 5], [1, 2, 3, 4, 5, 6, 7, 8], [9]):
@@ -101,7 +101,7 @@ def test_int8_is_smaller_and_picks_the_same_next_token_as_float32(cell, tiny_mod
     fp32 = export_onnx(model, tmp_path / "model.onnx")
     int8 = export_onnx(model, tmp_path / "model.int8.onnx", int8=True)
     assert int8 < fp32 / 2 and (tmp_path / "model.int8.onnx").stat().st_size == int8
-    exported, reference = OnnxStep(tmp_path / "model.int8.onnx", model.config), TorchStep(model)
+    exported, reference = OnnxStep(tmp_path / "model.int8.onnx", model), TorchStep(model)
     onnx_state = torch_state = None
     ids = stream_ids(vocab)
     decided = 0
@@ -180,6 +180,10 @@ def test_the_onnx_backend_without_an_export_is_a_one_line_error(tiny_model_dir, 
     export_onnx(other, tmp_path / "other.onnx")
     with pytest.raises(NextwordError, match="not a step of this model"):
         Engine.load(tiny_model_dir, options=ONNX, onnx=tmp_path / "other.onnx")
+    config = load_trained(tiny_model_dir)[0].config  # the same vocabulary, a state twice as wide
+    export_onnx(LanguageModel(config.model_copy(update={"hidden": 2 * config.hidden})), tmp_path / "wide.onnx")
+    with pytest.raises(NextwordError, match=r"wide\.onnx: not a step of this model \(inputs .*'h', \[1, 1, 128\]"):
+        Engine.load(tiny_model_dir, options=ONNX, onnx=tmp_path / "wide.onnx")
 
 
 def test_a_cell_without_an_onnx_step_is_refused_in_one_line(tmp_path, capfd):
@@ -191,7 +195,7 @@ def test_a_cell_without_an_onnx_step_is_refused_in_one_line(tmp_path, capfd):
     assert str(err.value) == expected
     assert not (tmp_path / "step.onnx").exists()
     with pytest.raises(NextwordError, match=f"^{re.escape(expected)}$"):
-        OnnxStep(tmp_path / "step.onnx", model.config)
+        OnnxStep(tmp_path / "step.onnx", model)
     folder = tmp_path / "model"
     save_trained(folder, model, Vocab(["w"] * 60, [0] * 60), {"speaker_tags": True, "window_length": 8})
     status, stdout, stderr = nextword(capfd, "export", "--model", folder, "--out", tmp_path / "x.onnx")

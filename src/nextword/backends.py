@@ -208,11 +208,13 @@ def _trace(model, ids: torch.Tensor, state: tuple):
 
 
 class OnnxStep:
-    """The exported step in an ONNX Runtime session on one thread; the state is a tuple of numpy arrays."""
+    """The exported step of ``model`` in an ONNX Runtime session on one thread; the state is a tuple of numpy
+    arrays, shaped as the model's own (:func:`start_state`)."""
 
-    def __init__(self, path: str | Path, config: ModelConfig):
+    def __init__(self, path: str | Path, model):
         import onnxruntime
 
+        config = model.config
         require_onnx_cell(config)
         path = Path(path)
         if not path.is_file():
@@ -226,17 +228,16 @@ class OnnxStep:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...)
             raise damaged(path, err) from None
-        inputs = [i.name for i in self.session.get_inputs()]
+        # The state before the first step, as in TorchStep: zeros, and for a Transformer a full cache of padding.
+        self.zeros = tuple(t.numpy() for t in start_state(model))
+        inputs = [(i.name, i.shape) for i in self.session.get_inputs()]
         vocab = self.session.get_outputs()[0].shape[-1]
-        if inputs != input_names(config) or vocab != config.vocab_size:
+        expected = [("ids", [1, "steps"])] + [(n, list(z.shape)) for n, z in zip(state_names(config), self.zeros)]
+        if inputs != expected or vocab != config.vocab_size:
             raise NextwordError(f"{path}: not a step of this model (inputs {inputs}, {vocab} log-probs; "
-                                f"expected {input_names(config)}, {config.vocab_size}); export it again")
+                                f"expected {expected}, {config.vocab_size}); export it again")
         self.batch_invariant = False
         self.names = state_names(config)
-        # The state before the first step: zeros of the graph's own state shapes (all fixed), which for a
-        # Transformer is a full cache of padding at position 0, as in TorchStep.
-        self.zeros = tuple(np.zeros(i.shape, dtype=np.int64 if i.type == "tensor(int64)" else np.float32)
-                           for i in self.session.get_inputs()[1:])
 
     def run(self, token_ids: list[int], state):
         feeds = dict(zip(self.names, self.zeros if state is None else state))

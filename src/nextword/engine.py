@@ -163,7 +163,7 @@ class Engine:
         options = servable.options
         model, backend = servable.model, None
         if options.backend == "onnx":
-            backend = OnnxStep(onnx or onnx_file(model_dir, options.int8), model.config)
+            backend = OnnxStep(onnx or onnx_file(model_dir, options.int8), model)
         elif options.int8:
             model = quantize_int8(model) if exact_batches else fused_int8(model)
         banned = read_banned_words(options.banned_words)
