@@ -241,3 +241,19 @@ def test_one_history_gives_the_numbers_of_its_row_in_a_batch(order):
             one = model.next_probs([history], dtype=dtype, scale=0.3)
             assert one.shape == (1, 12) and one.dtype == dtype
             np.testing.assert_array_equal(one[0], row)
+
+
+def test_a_recent_context_is_answered_again_unchanged_and_read_only():
+    stream = random_stream()
+    model = KneserNey.fit(stream, 12, 3)
+    first = model.next_probs([[9, 3, 4]], dtype=np.float32, scale=0.3)
+    again = model.next_probs([[1, 3, 4]], dtype=np.float32, scale=0.3)  # the same last two ids: the same context
+    assert np.shares_memory(first, again)
+    with pytest.raises(ValueError, match="read-only"):
+        again[0, 0] = 1.0
+    np.testing.assert_array_equal(again[0], model.next_probs([[3, 4], [0, 0]], dtype=np.float32, scale=0.3)[0])
+    # Another scale or dtype is another entry, not the kept one rescaled.
+    other = model.next_probs([[3, 4]], dtype=np.float32, scale=0.5)
+    assert not np.shares_memory(first, other)
+    np.testing.assert_array_equal(other[0], model.next_probs([[3, 4], [0, 0]], dtype=np.float32, scale=0.5)[0])
+    assert model.next_probs([[3, 4]], dtype=np.float64, scale=0.3).dtype == np.float64

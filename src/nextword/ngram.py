@@ -36,12 +36,15 @@ followers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from nextword.vocab import PAD_ID
+
+RECENT_CONTEXTS = 64  # one-history distributions kept (KneserNey._recent): 64 x V floats
 
 # Discounts used when an order has too few distinct counts to estimate them
 # (tiny corpora), in the range that large corpora give.
@@ -105,6 +108,8 @@ class KneserNey:
         self.orders = orders  # orders 2 .. N
         self.unigram_discounts = unigram_discounts
         self._unigram_as = {}  # dtype -> the unigram in it, for _next_probs_one
+        # The distributions of the last contexts asked for one at a time (see _next_probs_one).
+        self._recent = functools.lru_cache(maxsize=RECENT_CONTEXTS)(self._next_probs_one)
 
     @property
     def order(self) -> int:
@@ -246,7 +251,9 @@ class KneserNey:
         """``[B, V]`` next-id distributions after each history (only the last N - 1 ids matter), times
         ``scale`` (one number, or one per history)."""
         if len(histories) == 1:
-            return self._next_probs_one(histories[0], dtype, float(np.ravel(scale)[0]))[None]
+            width = self.order - 1
+            tail = tuple(int(i) for i in list(histories[0])[-width:]) if width else ()
+            return self._recent(tail, np.dtype(dtype), float(np.ravel(scale)[0]))[None]
         width = self.order - 1
         seqs = np.full((len(histories), max(width, 1)), -1, dtype=np.int64)
         for i, h in enumerate(histories):
@@ -258,9 +265,12 @@ class KneserNey:
         return self._dense(len(histories), contexts, dtype, scale)
 
     def _next_probs_one(self, history: Sequence[int], dtype, scale: float) -> np.ndarray:
-        """:meth:`next_probs` of one history, the same numbers without the batch's index arrays.
+        """:meth:`next_probs` of one history, the same numbers without the batch's index arrays; read-only.
 
-        The engine asks for one distribution per committed word, on the keystroke's clock.
+        The engine asks for one distribution per committed word, on the keystroke's clock. The last
+        ``RECENT_CONTEXTS`` are kept (``_recent``, keyed by the ids the n-gram reads, the dtype and the
+        scale): the slowest context to look up, the start of a message, whose followers are most of the
+        vocabulary, recurs at every message of a conversation.
         """
         v = self.vocab_size
         width = self.order - 1
@@ -300,6 +310,7 @@ class KneserNey:
             if ctx >= 0:
                 start, end = o.offsets[ctx], o.offsets[ctx + 1]
                 probs[o.words[start:end]] += (w * o.alpha[start:end]).astype(dtype)
+        probs.flags.writeable = False  # kept by _recent: a caller that changed it would change the next answer
         return probs
 
     def stream_log_probs(self, stream: np.ndarray, batch_size: int = 1024,
