@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextword.backends import model_state, state_tensors, input_names, output_names, require_onnx_cell, start_state
+from nextword.backends import (input_names, model_state, output_names, require_onnx_cell, start_state,
+                               state_tensors)
 from nextword.files import atomic_path
 from nextword.model import LanguageModel
 

@@ -250,11 +250,10 @@ class KneserNey:
     def next_probs(self, histories: Sequence[Sequence[int]], dtype=np.float64, scale=1.0) -> np.ndarray:
         """``[B, V]`` next-id distributions after each history (only the last N - 1 ids matter), times
         ``scale`` (one number, or one per history)."""
+        width = self.order - 1
         if len(histories) == 1:
-            width = self.order - 1
             tail = tuple(int(i) for i in list(histories[0])[-width:]) if width else ()
             return self._recent(tail, np.dtype(dtype), float(np.ravel(scale)[0]))[None]
-        width = self.order - 1
         seqs = np.full((len(histories), max(width, 1)), -1, dtype=np.int64)
         for i, h in enumerate(histories):
             tail = list(h)[-width:] if width else []
