@@ -229,15 +229,15 @@ class OnnxStep:
         except Exception as err:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...)
             raise damaged(path, err) from None
         # The state before the first step, as in TorchStep: zeros, and for a Transformer a full cache of padding.
+        self.names = state_names(config)
         self.zeros = tuple(t.numpy() for t in start_state(model))
         inputs = [(i.name, i.shape) for i in self.session.get_inputs()]
         vocab = self.session.get_outputs()[0].shape[-1]
-        expected = [("ids", [1, "steps"])] + [(n, list(z.shape)) for n, z in zip(state_names(config), self.zeros)]
+        expected = [("ids", [1, "steps"])] + [(n, list(z.shape)) for n, z in zip(self.names, self.zeros)]
         if inputs != expected or vocab != config.vocab_size:
             raise NextwordError(f"{path}: not a step of this model (inputs {inputs}, {vocab} log-probs; "
                                 f"expected {expected}, {config.vocab_size}); export it again")
         self.batch_invariant = False
-        self.names = state_names(config)
 
     def run(self, token_ids: list[int], state):
         feeds = dict(zip(self.names, self.zeros if state is None else state))

@@ -263,8 +263,9 @@ class KneserNey:
         contexts = [g[:, -1] for g in grams[: len(self.orders)]]
         return self._dense(len(histories), contexts, dtype, scale)
 
-    def _next_probs_one(self, history: Sequence[int], dtype, scale: float) -> np.ndarray:
-        """:meth:`next_probs` of one history, the same numbers without the batch's index arrays; read-only.
+    def _next_probs_one(self, tail: tuple[int, ...], dtype, scale: float) -> np.ndarray:
+        """:meth:`next_probs` of one history, given as ``tail``, the ids of it that the n-gram reads (the last
+        N - 1 at most): the same numbers without the batch's index arrays; read-only.
 
         The engine asks for one distribution per committed word, on the keystroke's clock. The last
         ``RECENT_CONTEXTS`` are kept (``_recent``, keyed by the ids the n-gram reads, the dtype and the
@@ -272,8 +273,6 @@ class KneserNey:
         vocabulary, recurs at every message of a conversation.
         """
         v = self.vocab_size
-        width = self.order - 1
-        tail = [int(i) for i in list(history)[-width:]] if width else []
         if any(i >= v for i in tail):
             raise ValueError(f"ids must lie in 0 .. {v - 1}")
         # grams[t]: the index of the k-gram that ends at tail[t] (-1: unseen), for k = 1, 2, ...;
