@@ -29,7 +29,7 @@ def with_value(key: str, value):
 
 def test_committed_params_are_valid_and_the_chat_preset():
     params = load_params(ROOT / "params.yaml")
-    assert params.preset == "chat" and params.window.length == 15 and params.model.layers == 2
+    assert params.preset == "chat" and params.window.length == 15 and params.model.layers == 1
     assert params.model.embedding == 256 and params.model.hidden == 384 and params.train.batch_size == 64
     assert params.seed == 7 and params.window.speaker_tags
 
@@ -134,4 +134,4 @@ def test_a_stage_refuses_bad_params_before_any_work(tmp_path):
 
 def test_flatten_gives_dotted_keys():
     flat = flatten(load_params(ROOT / "params.yaml"))
-    assert flat["model.layers"] == 2 and flat["data.split.val"] == 0.1
+    assert flat["model.layers"] == 1 and flat["data.split.val"] == 0.1
