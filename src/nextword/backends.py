@@ -60,6 +60,9 @@ def state_names(config: ModelConfig) -> list[str]:
     return ["h", "c"] if config.cell == "lstm" else ["h"]
 
 
+STEPS = "steps"  # the dynamic axis of an exported step's ids: [1, steps]
+
+
 def input_names(config: ModelConfig) -> list[str]:
     return ["ids", *state_names(config)]
 
@@ -233,7 +236,7 @@ class OnnxStep:
         self.zeros = tuple(t.numpy() for t in start_state(model))
         inputs = [(i.name, i.shape) for i in self.session.get_inputs()]
         vocab = self.session.get_outputs()[0].shape[-1]
-        expected = [("ids", [1, "steps"])] + [(n, list(z.shape)) for n, z in zip(self.names, self.zeros)]
+        expected = list(zip(input_names(config), [[1, STEPS], *(list(z.shape) for z in self.zeros)]))
         if inputs != expected or vocab != config.vocab_size:
             raise NextwordError(f"{path}: not a step of this model (inputs {inputs}, {vocab} log-probs; "
                                 f"expected {expected}, {config.vocab_size}); export it again")

@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextword.backends import (input_names, model_state, output_names, require_onnx_cell, start_state,
-                               state_tensors)
+from nextword.backends import (STEPS, input_names, model_state, output_names, require_onnx_cell,
+                               start_state, state_tensors)
 from nextword.files import atomic_path
 from nextword.model import LanguageModel
 
@@ -106,7 +106,7 @@ def export_onnx(model: LanguageModel, path: str | Path, int8: bool = False) -> i
             warnings.simplefilter("ignore")
             torch.onnx.export(StepGraph(model), example, str(graph), dynamo=False, opset_version=OPSET,
                               input_names=input_names(config), output_names=output_names(config),
-                              dynamic_axes={"ids": {1: "steps"}})
+                              dynamic_axes={"ids": {1: STEPS}})
         if int8:
             quantize(graph, tmp)
         size = tmp.stat().st_size
