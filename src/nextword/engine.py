@@ -142,6 +142,7 @@ class Engine:
         words = sorted((t, i) for i, t in enumerate(vocab.tokens) if suggestable[i])
         self.sorted_words = [w for w, _ in words]
         self.sorted_ids = np.array([i for _, i in words], dtype=np.int64)
+        self.vocab_ids = np.arange(len(vocab), dtype=np.int64)
 
     @classmethod
     def load(cls, model_dir: str | Path, options: EngineParams | None = None,
@@ -223,11 +224,13 @@ class Engine:
         """
         weights = (self.options.cache_weight, self.options.cache_bigram_weight)
         rows = len(log_probs)
-        found = [[None] * rows, [None] * rows]  # per cache part and row: its {id: count}, where it has some
+        # Per cache part and row, what it has to say (None: nothing): the word counts and their total,
+        # and the last token's followers ({id: count}).
+        found: list[list] = [[None] * rows, [None] * rows]
         for row, cache in enumerate(caches):
             if cache is not None:
-                found[0][row] = cache.words or None
-                found[1][row] = cache.followers.get(cache.last) or None
+                found[0][row] = (cache.counts, cache.total) if cache.total else None
+                found[1][row] = cache.followers.get(cache.last)
         # Each part's weight in a row, and what the parts nested inside it leave of it.
         own = [np.array([w if f is not None else 0.0 for f in part], dtype=np.float64)
                for w, part in zip(weights, found)]
@@ -239,15 +242,18 @@ class Engine:
         p *= ((1 - a) * left).astype(np.float32)[:, None]
         if self.ngram is not None:
             p += self.ngram.next_probs(histories, dtype=np.float32, scale=a * left)
-        for part, scale in enumerate((own[0] * (1 - own[1]), own[1])):
-            counts = [(row, c) for row, c in enumerate(found[part]) if c is not None and scale[row]]
-            if not counts:
-                continue
-            ids = [np.fromiter(c.keys(), dtype=np.int64, count=len(c)) for _, c in counts]
-            n = [np.fromiter(c.values(), dtype=np.float64, count=len(c)) for _, c in counts]
-            share = np.concatenate([scale[row] * x / x.sum() for (row, _), x in zip(counts, n)])
+        words_scale = own[0] * (1 - own[1])
+        for row, words in enumerate(found[0]):
+            if words is not None and words_scale[row]:
+                counts, total = words
+                p[row] += counts * np.float32(words_scale[row] / total)
+        followers = [(row, f) for row, f in enumerate(found[1]) if f is not None and own[1][row]]
+        if followers:
+            ids = [np.fromiter(f.keys(), dtype=np.int64, count=len(f)) for _, f in followers]
+            n = [np.fromiter(f.values(), dtype=np.float64, count=len(f)) for _, f in followers]
+            share = np.concatenate([own[1][row] * x / x.sum() for (row, _), x in zip(followers, n)])
             # A row's ids are distinct, so a plain indexed add is exact.
-            p[np.repeat([row for row, _ in counts], [len(x) for x in n]), np.concatenate(ids)] += \
+            p[np.repeat([row for row, _ in followers], [len(x) for x in n]), np.concatenate(ids)] += \
                 share.astype(np.float32)
         return np.log(p, out=p)
 
@@ -326,26 +332,32 @@ class Engine:
 class _Cache:
     """What a conversation has committed so far, for the engine's cache: never changed, only extended.
 
-    ``words`` counts the words (no specials, punctuation or banned words);
-    ``followers[t]`` counts the words that came right after token ``t``;
-    ``last`` is the last token committed, whose followers the next word may repeat.
+    ``counts`` counts the words (no specials, punctuation or banned words), one entry per id of the
+    vocabulary (None before the first), and ``total`` is their sum: an array, not a dict, so that
+    :meth:`Engine.mix_rows`, on the keystroke's clock, adds it to a distribution without a Python loop.
+    ``followers[t]`` counts the words that came right after token ``t`` (a few, so a dict); ``last``
+    is the last token committed, whose followers the next word may repeat.
     """
 
-    words: dict = dataclasses.field(default_factory=dict)
+    counts: np.ndarray | None = None
+    total: int = 0
     followers: dict = dataclasses.field(default_factory=dict)
     last: int | None = None
 
     def extended(self, ids, blocked: np.ndarray) -> "_Cache":
-        """The cache after ``ids`` are committed, in new dicts: snapshots and forks keep the old one."""
-        words, followers, last = dict(self.words), dict(self.followers), self.last
+        """The cache after ``ids`` are committed, in a new array and dicts: snapshots and forks keep the old one."""
+        counts, total, followers, last = self.counts, self.total, dict(self.followers), self.last
         for i in ids:
             if not blocked[i]:
-                words[i] = words.get(i, 0) + 1
+                if counts is self.counts:
+                    counts = np.zeros(len(blocked), dtype=np.float32) if counts is None else counts.copy()
+                counts[i] += 1
+                total += 1
                 if last is not None:
                     after = followers[last] = dict(followers.get(last, {}))
                     after[i] = after.get(i, 0) + 1
             last = i
-        return _Cache(words, followers, last)
+        return _Cache(counts, total, followers, last)
 
 
 @dataclass
@@ -363,7 +375,8 @@ class _Distribution:
     """The next-token log-probabilities and what suggest() derives from them, computed once."""
 
     log_probs: np.ndarray
-    sorted_scores: np.ndarray | None = None  # log-probs in the order of Engine.sorted_words
+    # The log-probs with the tokens that are never suggested at -inf: the strip before the first letter.
+    suggestable: np.ndarray | None = None
     log_total: float = 0.0  # log of the probability mass of the suggestable words
     shown: dict = dataclasses.field(default_factory=dict)  # (prefix, k) -> the suggestions with skip_rejected
 
@@ -500,19 +513,22 @@ class Session:
         if self._dist is None:
             raise NextwordError("nothing committed yet: start a message first")
         dist = self._dist
-        if dist.sorted_scores is None:
+        if dist.suggestable is None:
             engine = self.engine
-            sorted_scores = dist.log_probs[engine.sorted_ids]
+            # A word can have probability 0 (-inf): it is raised to the lowest finite number, so the
+            # blocked tokens stay below every word, as the top k takes them.
+            suggestable = np.maximum(dist.log_probs, np.finfo(dist.log_probs.dtype).min)
+            suggestable[engine.blocked_ids] = -np.inf
             # The suggestable mass is 1 minus the few blocked tokens' mass: O(blocked), not O(vocabulary),
             # unless nearly all the mass is blocked (after a finished sentence) and 1 - x loses precision.
             blocked_mass = float(np.exp(dist.log_probs[engine.blocked_ids].astype(np.float64)).sum())
             if blocked_mass < 0.99:
                 dist.log_total = float(np.log1p(-blocked_mass))
-            elif len(sorted_scores):
-                scores = sorted_scores.astype(np.float64)
+            elif len(engine.sorted_ids):
+                scores = suggestable.astype(np.float64)
                 top = scores.max()
                 dist.log_total = float(top + np.log(np.exp(scores - top).sum()))
-            dist.sorted_scores = sorted_scores  # last: another thread may read it as soon as it is set
+            dist.suggestable = suggestable  # last: another thread may read it as soon as it is set
         return dist
 
     def suggest(self, prefix: str = "", k: int = 3, typing: bool = False,
@@ -573,13 +589,17 @@ class Session:
 
     def _top(self, dist: _Distribution, prefix: str, k: int, rejected) -> list[Suggestion]:
         engine = self.engine
-        lo, hi = engine.prefix_range(prefix)
-        want = min(k + len(rejected), hi - lo)
+        if prefix:  # the words that start with it: a slice of the sorted words
+            lo, hi = engine.prefix_range(prefix)
+            ids = engine.sorted_ids[lo:hi]
+            scores, words, count = dist.log_probs[ids], engine.sorted_words, hi - lo
+        else:  # every suggestable word: the distribution itself, the others at -inf, in the order of the ids
+            lo, scores, ids, words, count = 0, dist.suggestable, engine.vocab_ids, engine.vocab.tokens, len(engine.sorted_ids)
+        want = min(k + len(rejected), count)
         if want <= 0:
             return []
-        scores = dist.sorted_scores[lo:hi]
-        top = best(scores, engine.sorted_ids[lo:hi], want)
-        words, log_total = engine.sorted_words, dist.log_total
+        top = best(scores, ids, want)
+        log_total = dist.log_total
         if prefix:  # the probability given the letters typed: over the words that start with them
             wide = scores.astype(np.float64)
             peak = wide.max()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ import torch
 
 from nextword import decoding
 from nextword.backends import TorchStep
-from nextword.engine import Engine, Session, Suggestion, _Cache, _Distribution
+from nextword.engine import Engine, Session, Suggestion, _Distribution
 from nextword.text import PUNCTUATION, is_word
 from nextword.tokenizer import WORD_START, Tokenizer
 from nextword.vocab import AGENT, BOS, EOS, PAD, SPECIALS, UNK, USER
@@ -155,7 +156,20 @@ def _row(state, row: int):
     return state[:, row:row + 1]
 
 
-def _remember(cache: _Cache, token: str, countable: bool) -> _Cache:
+@dataclass(frozen=True)
+class _WordCache:
+    """The session's conversation cache over whole words, as strings: the word engine's
+    (:class:`nextword.engine._Cache`) counts ids, and a word here has no id of its own.
+
+    ``words`` counts the words, ``followers[w]`` the words that came right after ``w``; ``last`` is the last token.
+    """
+
+    words: dict = field(default_factory=dict)
+    followers: dict = field(default_factory=dict)
+    last: str | None = None
+
+
+def _remember(cache: _WordCache, token: str, countable: bool) -> _WordCache:
     """The word cache after ``token`` is committed (in new dicts: snapshots and forks keep the old one)."""
     words, followers = cache.words, cache.followers
     if countable:
@@ -165,7 +179,7 @@ def _remember(cache: _Cache, token: str, countable: bool) -> _Cache:
             followers = dict(followers)
             after = followers[cache.last] = dict(followers.get(cache.last, {}))
             after[token] = after.get(token, 0) + 1
-    return _Cache(words, followers, token)
+    return _WordCache(words, followers, token)
 
 
 class SubwordSession(Session):
@@ -178,6 +192,7 @@ class SubwordSession(Session):
 
     def __init__(self, engine: SubwordEngine):
         super().__init__(engine)
+        self._cache = _WordCache()
         self._searched: _Distribution | None = None  # the position whose model steps and searches are kept
         self._nodes: dict = {}
         self._ends: dict = {}  # the log-probability of a word boundary after a node's pieces
