@@ -51,6 +51,7 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -604,7 +605,7 @@ class Session:
             wide = scores.astype(np.float64)
             peak = wide.max()
             log_total = float(peak + np.log(np.exp(wide - peak).sum()))
-        return [Suggestion(words[lo + i], float(np.exp(float(scores[i]) - log_total)))
+        return [Suggestion(words[lo + i], math.exp(float(scores[i]) - log_total))
                 for i in top if words[lo + i] not in rejected][:k]
 
     def complete(self, strategy: str = "greedy", max_words: int = 20, temperature: float = 1.0,
