@@ -119,14 +119,22 @@ def test_int8_is_smaller_and_picks_the_same_next_token_as_float32(cell, tiny_mod
 @pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "softmax"])
 def test_int8_gives_a_scale_per_column_to_the_recurrent_layers_and_the_output_layer(tmp_path, adaptive):
     import onnx
+    from onnx import numpy_helper
 
     model = random_model(**({"adaptive_softmax": True, "cutoffs": [10, 30]} if adaptive else {}))
     export_onnx(model, tmp_path / "step.onnx", int8=True)
-    scales = [list(i.dims) for i in onnx.load(tmp_path / "step.onnx").graph.initializer if i.name.endswith("_scale")]
+    initializers = {i.name: i for i in onnx.load(tmp_path / "step.onnx").graph.initializer}
+    scales = [list(i.dims) for name, i in initializers.items() if name.endswith("_scale") and "embed" not in name]
     per_column = sorted(max(dims) for dims in scales if dims and max(dims) > 1)
     # two layers' input and recurrent matrices, 4 gates x 16 hidden; then the head (10 words + 2 clusters) or decoder
     assert per_column == sorted([64] * 4 + [12 if adaptive else 60])
-    assert len(scales) - len(per_column) == (5 if adaptive else 1)  # per tensor: the embedding and the tails
+    assert len(scales) - len(per_column) == (4 if adaptive else 0)  # per tensor: the tails' two matrices each
+    # The embedding: a scale per word, and each weight within half a step of its 8-bit value.
+    rows, scale = (numpy_helper.to_array(initializers[f"embed_rows_{n}"]) for n in ("int8", "scale"))
+    weights = model.embed.weight.detach().numpy()
+    assert rows.dtype == np.int8 and scale.shape == (len(weights), 1)
+    assert np.all(np.abs(weights - rows * scale) <= scale / 2 + 1e-7)
+    assert "model.embed.weight" not in initializers
 
 
 @pytest.fixture(scope="module", params=["lstm", "transformer"])

@@ -595,7 +595,8 @@ class Session:
             ids = engine.sorted_ids[lo:hi]
             scores, words, count = dist.log_probs[ids], engine.sorted_words, hi - lo
         else:  # every suggestable word: the distribution itself, the others at -inf, in the order of the ids
-            lo, scores, ids, words, count = 0, dist.suggestable, engine.vocab_ids, engine.vocab.tokens, len(engine.sorted_ids)
+            lo, scores, ids, words = 0, dist.suggestable, engine.vocab_ids, engine.vocab.tokens
+            count = len(engine.sorted_ids)
         want = min(k + len(rejected), count)
         if want <= 0:
             return []

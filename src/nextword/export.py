@@ -25,8 +25,17 @@ shape typing chat conversations (``nextword export --int8 --check-csv``):
   layer's first matrix (the adaptive softmax's head, or the full softmax's
   decoder), which every word's probability goes through: one scale for all
   of its columns turned the top suggestion several times more often. One
-  scale per tensor for the embedding and the tail clusters, where per column
-  bought no agreement and cost time.
+  scale per tensor for the tail clusters, where per column bought little
+  agreement and cost time.
+* One scale per word for the embedding table (:func:`embedding_per_row`),
+  written by this module since ONNX Runtime's quantizer gives a lookup one
+  scale for the whole table: the step looks up the word's 8-bit row and its
+  scale and multiplies them, so it is as fast, and the top suggestion turns
+  less often.
+
+Weights in 8 bits, however they are scaled, turn the top suggestion at some
+keystrokes where float32 has two words nearly tied; docs/results.md measures
+how often, and what float16 weights would cost instead.
 
 ONNX Runtime quantizes LSTM layers but not GRU layers, which stay in float32.
 A Transformer's products (the attention's input and output, the MLP) take one
@@ -48,6 +57,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,15 +135,60 @@ def per_column_nodes(graph: Path) -> list[str]:
     return [n.name for n in nodes if n.op_type == "LSTM"] + head
 
 
+EMBEDDING = "model.embed.weight"  # the embedding table's initializer, as the exporter names it
+
+
+def embedding_per_row(source: Path, target: Path) -> list[str]:
+    """The graph at ``source`` with its embedding table in 8 bits and a scale per row, written to ``target``;
+    the nodes it adds.
+
+    The lookup becomes: gather the word's int8 row and its float32 scale, cast, multiply (symmetric: a
+    row's largest weight is 127 times its scale). The exporter gives the lookup a table of its own, tied
+    weights included (the output layer gets a transposed copy); a graph where it does not is written as it
+    is, and no nodes are added.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(source)
+    nodes = model.graph.node
+    readers = [n for n in nodes if EMBEDDING in n.input]
+    table = next((i for i in model.graph.initializer if i.name == EMBEDDING), None)
+    if table is None or len(readers) != 1 or readers[0].op_type != "Gather":
+        onnx.save(model, target)
+        return []
+    lookup = readers[0]
+    weights = numpy_helper.to_array(table)
+    scale = np.abs(weights).max(axis=1, keepdims=True) / 127
+    scale[scale == 0] = 1  # an all-zero row (the padding's): any scale gives zeros
+    rows = np.round(weights / scale).astype(np.int8)
+    model.graph.initializer.remove(table)
+    model.graph.initializer.extend([numpy_helper.from_array(rows, "embed_rows_int8"),
+                                    numpy_helper.from_array(scale.astype(np.float32), "embed_rows_scale")])
+    ids, out = lookup.input[1], lookup.output[0]
+    added = [helper.make_node("Gather", ["embed_rows_int8", ids], ["embed_row_int8"], name="/embed/row_int8"),
+             helper.make_node("Gather", ["embed_rows_scale", ids], ["embed_row_scale"], name="/embed/row_scale"),
+             helper.make_node("Cast", ["embed_row_int8"], ["embed_row"], to=TensorProto.FLOAT, name="/embed/row"),
+             helper.make_node("Mul", ["embed_row", "embed_row_scale"], [out], name="/embed/row_scaled")]
+    at = list(nodes).index(lookup)
+    nodes.remove(lookup)
+    for offset, node in enumerate(added):
+        nodes.insert(at + offset, node)
+    onnx.save(model, target)
+    return [n.name for n in added]
+
+
 def quantize(source: Path, target: Path) -> None:
     """ONNX Runtime's dynamic quantization of the graph at ``source``, written to ``target`` (see above)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     per_column = per_column_nodes(source)
+    per_row_graph = target.with_name("per_row.onnx")
+    per_row = embedding_per_row(source, per_row_graph)
     per_tensor = target.with_name("per_tensor.onnx")
     logging.disable(logging.WARNING)  # its advice to pre-process the graph, which changes nothing here
     try:
-        quantize_dynamic(source, per_tensor, weight_type=QuantType.QUInt8, nodes_to_exclude=per_column)
+        quantize_dynamic(per_row_graph, per_tensor, weight_type=QuantType.QUInt8, nodes_to_exclude=per_column + per_row)
         quantize_dynamic(per_tensor, target, weight_type=QuantType.QUInt8, nodes_to_quantize=per_column,
                          per_channel=True)
     finally:
