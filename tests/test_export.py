@@ -116,6 +116,23 @@ def test_int8_is_smaller_and_picks_the_same_next_token_as_float32(cell, tiny_mod
     assert decided > len(ids) * 3 / 4
 
 
+def test_fp16_is_smaller_and_closer_to_float32_than_int8(tiny_model_dir, tmp_path):
+    model, vocab = load_trained(tiny_model_dir)[:2]
+    sizes = {kind: export_onnx(model, tmp_path / f"{kind}.onnx", int8=kind == "int8", fp16=kind == "fp16")
+             for kind in ("fp32", "fp16", "int8")}
+    assert sizes["fp16"] < sizes["fp32"] * 0.6
+    steps = {kind: OnnxStep(tmp_path / f"{kind}.onnx", model) for kind in ("fp16", "int8")}
+    reference, states, torch_state, error = TorchStep(model), {"fp16": None, "int8": None}, None, {}
+    for token in stream_ids(vocab):
+        torch_lp, torch_state = reference.run([token], torch_state)
+        for kind, step in steps.items():
+            lp, states[kind] = step.run([token], states[kind])
+            error[kind] = max(error.get(kind, 0.0), float(np.abs(np.exp(lp) - np.exp(torch_lp)).max()))
+    assert error["fp16"] < 0.01 and error["fp16"] < error["int8"] / 2
+    with pytest.raises(ValueError):
+        export_onnx(model, tmp_path / "both.onnx", int8=True, fp16=True)
+
+
 @pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "softmax"])
 def test_int8_gives_a_scale_per_column_to_the_recurrent_layers_and_the_output_layer(tmp_path, adaptive):
     import onnx

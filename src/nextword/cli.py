@@ -341,9 +341,9 @@ def cmd_export(args) -> None:
 
     model = load_trained(args.model)[0]
     out = Path(args.out) if args.out else onnx_file(args.model, args.int8)
-    size = export_onnx(model, out, int8=args.int8)
+    size = export_onnx(model, out, int8=args.int8, fp16=args.fp16)
     result = {"format": args.format, "model": str(args.model), "out": str(out), "int8": args.int8,
-              "bytes": size, "megabytes": round(size / 1e6, 2)}
+              "fp16": args.fp16, "bytes": size, "megabytes": round(size / 1e6, 2)}
     if conversations is not None:
         result["check"] = {"csv": str(args.check_csv), **check_export(args.model, out, args.int8, conversations)}
     print(json.dumps(result, indent=2))
@@ -471,7 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE",
                    help="where to write it (default: in the model folder, model.onnx or model.int8.onnx, "
                         "where engine.backend onnx reads it)")
-    p.add_argument("--int8", action="store_true", help="int8 weights (ONNX Runtime's dynamic quantization)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--int8", action="store_true", help="int8 weights (ONNX Runtime's dynamic quantization)")
+    weights.add_argument("--fp16", action="store_true",
+                         help="float16 weights, the embedding in 8 bits per word, computed in float32: closer to "
+                              "the float32 model than --int8, slower; written where the float32 graph goes")
     p.add_argument("--check-csv", metavar="CSV",
                    help="type these messages (speaker, text, optional conversation_id) on both backends and "
                         "report top-1 agreement, keystroke savings and latency")
