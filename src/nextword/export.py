@@ -1,4 +1,4 @@
-"""One model step as an ONNX graph, optionally with int8 weights, for ONNX Runtime.
+"""One model step as an ONNX graph, optionally with int8 or float16 weights, for ONNX Runtime.
 
 The graph is :class:`StepGraph`: the token ids of a step and the recurrent
 state in, the next-token log-probabilities after the last id and the new state
@@ -208,8 +208,8 @@ def halve(source: Path, target: Path) -> None:
     be most of the file); every other float32 initializer is stored in float16 and cast back to float32
     by a node at the start of the graph. ONNX Runtime folds those casts when it loads the graph, so the
     step computes in float32, as fast as the float32 graph, on weights rounded to 11 significant bits:
-    the top suggestion stays the float32 model's where 8-bit weights turn it (docs/results.md). An
-    initializer that float16 cannot hold (beyond its range) stays in float32.
+    its top suggestion turns far less often than with 8-bit weights (docs/results.md). An initializer
+    that float16 cannot hold (beyond its range) stays in float32.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
