@@ -128,15 +128,14 @@ def export_onnx(model: LanguageModel, path: str | Path, int8: bool = False, fp16
     return size
 
 
-def per_column_nodes(graph: Path) -> list[str]:
-    """The nodes quantized with a scale per column: the recurrent layers and the output layer's first matrix."""
-    import onnx
-
-    nodes = onnx.load(graph).graph.node
+def per_column_nodes(model) -> list[str]:
+    """The nodes of the ONNX ``model`` quantized with a scale per column: the recurrent layers and the output
+    layer's first matrix."""
+    nodes = model.graph.node
     # The exporter names nodes by the module that made them: head.head (adaptive_log_prob) or decoder.
     head = [n.name for n in nodes if n.op_type == "MatMul" and n.name.startswith(("/head/", "/decoder/"))]
     if len(head) != 1:
-        raise RuntimeError(f"{graph}: expected one output-layer matrix, found {head}")
+        raise RuntimeError(f"the exported step: expected one output-layer matrix, found {head}")
     return [n.name for n in nodes if n.op_type == "LSTM"] + head
 
 
@@ -144,24 +143,21 @@ EMBEDDING = "model.embed.weight"  # the embedding table's initializer, as the ex
 ROW_SCALES = "embed_rows_scale"  # the scale of each row of the 8-bit table (embedding_per_row)
 
 
-def embedding_per_row(source: Path, target: Path) -> list[str]:
-    """The graph at ``source`` with its embedding table in 8 bits and a scale per row, written to ``target``;
+def embedding_per_row(model) -> list[str]:
+    """Store the embedding table of the ONNX ``model`` (changed in place) in 8 bits with a scale per row;
     the nodes it adds.
 
     The lookup becomes: gather the word's int8 row and its float32 scale, cast, multiply (symmetric: a
     row's largest weight is 127 times its scale). The exporter gives the lookup a table of its own, tied
-    weights included (the output layer gets a transposed copy); a graph where it does not is written as it
+    weights included (the output layer gets a transposed copy); a graph where it does not is left as it
     is, and no nodes are added.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(source)
     nodes = model.graph.node
     readers = [n for n in nodes if EMBEDDING in n.input]
     table = next((i for i in model.graph.initializer if i.name == EMBEDDING), None)
     if table is None or len(readers) != 1 or readers[0].op_type != "Gather":
-        onnx.save(model, target)
         return []
     lookup = readers[0]
     weights = numpy_helper.to_array(table)
@@ -180,17 +176,19 @@ def embedding_per_row(source: Path, target: Path) -> list[str]:
     nodes.remove(lookup)
     for offset, node in enumerate(added):
         nodes.insert(at + offset, node)
-    onnx.save(model, target)
     return [n.name for n in added]
 
 
 def quantize(source: Path, target: Path) -> None:
     """ONNX Runtime's dynamic quantization of the graph at ``source``, written to ``target`` (see above)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    per_column = per_column_nodes(source)
+    model = onnx.load(source)
+    per_column = per_column_nodes(model)
+    per_row = embedding_per_row(model)
     per_row_graph = target.with_name("per_row.onnx")
-    per_row = embedding_per_row(source, per_row_graph)
+    onnx.save(model, per_row_graph)
     per_tensor = target.with_name("per_tensor.onnx")
     logging.disable(logging.WARNING)  # its advice to pre-process the graph, which changes nothing here
     try:
@@ -214,17 +212,18 @@ def halve(source: Path, target: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    per_row = target.with_name("per_row.onnx")
-    embedding_per_row(source, per_row)
-    model = onnx.load(per_row)
+    model = onnx.load(source)
+    embedding_per_row(model)
     graph = model.graph
     casts = []
     for init in list(graph.initializer):
-        weights = numpy_helper.to_array(init)
-        if init.data_type != TensorProto.FLOAT or init.name == ROW_SCALES or not np.all(
-                np.isfinite(weights.astype(np.float16)) == np.isfinite(weights)):
+        if init.data_type != TensorProto.FLOAT or init.name == ROW_SCALES:
             continue
-        half = numpy_helper.from_array(weights.astype(np.float16), f"{init.name}.float16")
+        weights = numpy_helper.to_array(init)
+        halved = weights.astype(np.float16)
+        if not np.array_equal(np.isfinite(halved), np.isfinite(weights)):
+            continue
+        half = numpy_helper.from_array(halved, f"{init.name}.float16")
         graph.initializer.remove(init)
         graph.initializer.append(half)
         casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
