@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import PLAIN, TINY_CONVERSATION, model_config, save_servable, train_tiny_model
-from nextword.backends import OnnxStep, TorchStep, target_log_probs
+from nextword.backends import OnnxStep, TorchStep, input_names, start_state, target_log_probs
 from nextword.cli import build_parser, engine_overrides, main
 from nextword.decoding import STRATEGIES
 from nextword.engine import Engine
@@ -46,6 +46,19 @@ def random_model(seed: int = 0, **shape) -> LanguageModel:
         for p in model.parameters():
             p.uniform_(-0.5, 0.5)
     return model
+
+
+def onnx_lookup(path, model: LanguageModel, ids: torch.Tensor) -> np.ndarray:
+    """The embedding rows the exported step at ``path`` looks up for ``ids``: its lookup's output, run."""
+    import onnx
+    import onnxruntime
+
+    graph = onnx.load(path)
+    rows = next(n for n in graph.graph.node if n.name == "/embed/rows").output[0]
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
+    session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = dict(zip(input_names(model.config), [ids.numpy(), *(t.numpy() for t in start_state(model))]))
+    return session.run(None, feeds)[-1]
 
 
 def test_the_adaptive_softmax_written_for_export_equals_pytorchs():
@@ -146,12 +159,30 @@ def test_int8_gives_a_scale_per_column_to_the_recurrent_layers_and_the_output_la
     # two layers' input and recurrent matrices, 4 gates x 16 hidden; then the head (10 words + 2 clusters) or decoder
     assert per_column == sorted([64] * 4 + [12 if adaptive else 60])
     assert len(scales) - len(per_column) == (4 if adaptive else 0)  # per tensor: the tails' two matrices each
-    # The embedding: a scale per word, and each weight within half a step of its 8-bit value.
-    rows, scale = (numpy_helper.to_array(initializers[f"embed_rows_{n}"]) for n in ("int8", "scale"))
-    weights = model.embed.weight.detach().numpy()
-    assert rows.dtype == np.int8 and scale.shape == (len(weights), 1)
-    assert np.all(np.abs(weights - rows * scale) <= scale / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+@pytest.mark.parametrize("width, blocks", [(64, 2), (8, 1)])  # a width that 32 does not divide is one block
+def test_the_embedding_takes_8_bits_and_a_scale_per_block_of_a_row(tmp_path, kind, width, blocks):
+    import onnx
+    from onnx import numpy_helper
+
+    model = random_model(embedding=width)
+    with torch.no_grad():  # blocks of a row far apart in size, so that one scale per row would not do
+        model.embed.weight[:, :32] *= 0.01
+    export_onnx(model, tmp_path / "step.onnx", int8=kind == "int8", fp16=kind == "fp16")
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "step.onnx").graph.initializer}
     assert "model.embed.weight" not in initializers
+    rows, scale = initializers["embed_rows_int8"], initializers["embed_blocks_scale"]
+    weights = model.embed.weight.detach().numpy()
+    assert rows.dtype == np.int8 and rows.shape == weights.shape and scale.shape == (len(weights), blocks, 1)
+    # each weight within half a step of its 8-bit value, the step that of its block
+    step = np.repeat(scale[:, :, 0], width // blocks, axis=1)
+    assert np.all(np.abs(weights - rows * step) <= step / 2 + 1e-7)
+    # the step looks the rows up as PyTorch does, to the rounding
+    ids = torch.tensor([[3, 7, 3]])
+    looked_up = onnx_lookup(tmp_path / "step.onnx", model, ids)
+    np.testing.assert_allclose(looked_up, (rows * step)[ids.numpy()], rtol=1e-6, atol=1e-7)
 
 
 @pytest.fixture(scope="module", params=["lstm", "transformer"])
@@ -180,7 +211,8 @@ def test_the_engine_on_onnx_suggests_and_completes_as_on_pytorch(exported_dir):
         b.add_message(*TINY_CONVERSATION[0])
         partial = a.type_text(speaker, text)
         assert b.type_text(speaker, text) == partial
-        np.testing.assert_allclose(b.log_probs, a.log_probs, rtol=0, atol=1e-5)
+        # to a few float32 steps: a log-prob of -41 is held to 4e-6, and the two runtimes sum in different orders
+        np.testing.assert_allclose(b.log_probs, a.log_probs, rtol=1e-6, atol=1e-5)
         assert [s.word for s in b.suggest(partial, 3)] == [s.word for s in a.suggest(partial, 3)]
         # Fill-in-the-middle rescores in PyTorch from the ONNX step's state.
         fim_a, fim_b = a.suggest(partial, 3, right=" today ?"), b.suggest(partial, 3, right=" today ?")
@@ -189,9 +221,14 @@ def test_the_engine_on_onnx_suggests_and_completes_as_on_pytorch(exported_dir):
         for strategy in STRATEGIES:
             expected = a.complete(strategy, max_words=8, seed=1, prefix=partial)
             assert b.complete(strategy, max_words=8, seed=1, prefix=partial) == expected, (strategy, text)
-    session = on_onnx.session()
-    session.type_text("user", "good morning , how are ")
-    assert session.complete("greedy") == ["you", "today", "?"]
+    # Without a partial word too; the tiny models learned "how are you" (what follows differs between the
+    # models that CPUs of different makes train from the same seed).
+    completions = []
+    for engine in (on_torch, on_onnx):
+        session = engine.session()
+        session.type_text("user", "good morning , how are ")
+        completions.append(session.complete("greedy"))
+    assert completions[1] == completions[0] and completions[0][0] == "you"
 
 
 def test_the_onnx_backend_without_an_export_is_a_one_line_error(tiny_model_dir, tmp_path):
