@@ -474,8 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--int8", action="store_true", help="int8 weights (ONNX Runtime's dynamic quantization)")
     weights.add_argument("--fp16", action="store_true",
-                         help="float16 weights, the embedding in 8 bits per word, computed in float32: closer to "
-                              "the float32 model than --int8, slower; written where the float32 graph goes")
+                         help="float16 weights, the embedding in 8 bits (a scale per 32 weights), computed in "
+                              "float32: closer to the float32 model than --int8, slower; written where the float32 "
+                              "graph goes")
     p.add_argument("--check-csv", metavar="CSV",
                    help="type these messages (speaker, text, optional conversation_id) on both backends and "
                         "report top-1 agreement, keystroke savings and latency")
