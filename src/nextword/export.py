@@ -152,7 +152,7 @@ def embedding_in_blocks(model, block: int = EMBED_BLOCK) -> list[str]:
     (symmetric: a block's largest weight is 127 times its scale). A row whose width ``block`` does not
     divide is one block. A scale per row, as the 8-bit table of ONNX Runtime's quantizer cannot have, turns
     the top suggestion less often than one for the whole table, and a scale per block of 32 less often
-    still, for a twentieth more bytes than a row of int8 and as fast a lookup (docs/results.md). The
+    still, for an eighth more bytes than the int8 rows alone and as fast a lookup (docs/results.md). The
     exporter gives the lookup a table of its own, tied weights included (the output layer gets a
     transposed copy); a graph where it does not is left as it is, and no nodes are added.
     """
