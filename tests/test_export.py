@@ -149,7 +149,6 @@ def test_fp16_is_smaller_and_closer_to_float32_than_int8(tiny_model_dir, tmp_pat
 @pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "softmax"])
 def test_int8_gives_a_scale_per_column_to_the_recurrent_layers_and_the_output_layer(tmp_path, adaptive):
     import onnx
-    from onnx import numpy_helper
 
     model = random_model(**({"adaptive_softmax": True, "cutoffs": [10, 30]} if adaptive else {}))
     export_onnx(model, tmp_path / "step.onnx", int8=True)

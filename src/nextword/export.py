@@ -201,12 +201,10 @@ def quantize(source: Path, target: Path) -> None:
     model = onnx.load(source)
     per_column = per_column_nodes(model)
     lookup = embedding_in_blocks(model)
-    blocked = target.with_name("blocked.onnx")
-    onnx.save(model, blocked)
     per_tensor = target.with_name("per_tensor.onnx")
     logging.disable(logging.WARNING)  # its advice to pre-process the graph, which changes nothing here
     try:
-        quantize_dynamic(blocked, per_tensor, weight_type=QuantType.QUInt8, nodes_to_exclude=per_column + lookup)
+        quantize_dynamic(model, per_tensor, weight_type=QuantType.QUInt8, nodes_to_exclude=per_column + lookup)
         quantize_dynamic(per_tensor, target, weight_type=QuantType.QUInt8, nodes_to_quantize=per_column,
                          per_channel=True)
     finally:
