@@ -55,6 +55,17 @@ def test_a_hidden_size_that_is_not_a_multiple_of_64_is_not_batched():
         step.run_batch(STEPS, [None] * len(STEPS))
 
 
+def test_the_exact_kernel_of_a_model_that_does_not_batch_steps_any_number_of_ids():
+    step = int8_step("lstm", False, hidden=96)
+    state = eager_state = None
+    for ids in STEPS:  # 3 ids, then 1: a trace of the first would freeze the time loop at 3
+        log_probs, state = step.run(ids, state)
+        with torch.no_grad():
+            feats, eager_state = step.model.features(torch.tensor([ids]), eager_state)
+            expected = step.model.log_probs(feats[:, -1])[0].numpy()
+        np.testing.assert_array_equal(log_probs, expected)
+
+
 def test_int8_products_are_summed_exactly():
     # What the batch-invariance rests on: int8 x int8 summed in int32, on this machine's kernels too.
     a = torch.full((3, 1024), -127, dtype=torch.int8)

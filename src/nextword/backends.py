@@ -38,7 +38,7 @@ import torch
 
 from nextword.config import FUSED_CELLS, ONNX_CELLS, ModelConfig
 from nextword.errors import NextwordError, damaged
-from nextword.quantize import batch_invariant, one_thread
+from nextword.quantize import Int8Matrix, batch_invariant, one_thread
 
 
 def require_onnx_cell(config: ModelConfig) -> None:
@@ -93,7 +93,8 @@ class TorchStep:
     def __init__(self, model):
         self.model = model
         self.batch_invariant = batch_invariant(model)
-        self._trace = not self.batch_invariant and hasattr(torch.jit, "trace")
+        # The batch-exact int8 kernel loops over the time steps in Python, which a trace would freeze.
+        self._trace = hasattr(torch.jit, "trace") and not any(isinstance(m, Int8Matrix) for m in model.modules())
         self._traced: dict[tuple, torch.jit.ScriptModule] = {}
         self._start = start_state(model)
 
