@@ -109,3 +109,23 @@ def test_the_traced_step_of_one_stream_is_the_eager_step_to_the_bit(cell, int8, 
     # One trace for any number of ids with the fused layers; else one per number of ids, up to TRACED_IDS.
     expected_keys = {()} if cell in ("lstm", "gru") else {(len(ids),) for ids in STEPS}
     assert set(served._traced) == expected_keys
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_both_int8_kernels_round_the_embedding_to_8_bits_a_scale_per_block(tied):
+    from nextword.quantize import EMBED_BLOCK, blocks_to_float, embedding_blocks, fused_int8
+
+    torch.manual_seed(0)
+    model = LanguageModel(model_config(40, embedding=64, hidden=64, layers=1, tie_weights=tied)).eval()
+    table = model.embed.weight.detach().clone()
+    rows, scale = embedding_blocks(table)
+    assert rows.dtype == torch.int8 and scale.shape == (40, 64 // EMBED_BLOCK, 1)
+    rounded = blocks_to_float(rows, scale)
+    step = scale.repeat_interleave(EMBED_BLOCK, dim=1)[:, :, 0]
+    assert 0 < (rounded - table).abs().max() and torch.all((rounded - table).abs() <= step / 2 + 1e-7)
+    assert torch.equal(rounded[0], torch.zeros(64))  # the padding's row: all zeros, scale 1
+    for quantized in (quantize_int8(model), fused_int8(model)):
+        assert torch.equal(quantized.embed.weight, rounded)
+    assert torch.equal(model.embed.weight, table)  # the float32 model keeps its table
+    if tied:  # and its output layer, which the int8 copies hold in 8 bits of their own
+        assert model.decoder.weight is model.embed.weight

@@ -352,26 +352,38 @@ def cmd_export(args) -> None:
 def check_export(model_dir, onnx, int8: bool, conversations) -> dict:
     """The engine on the ONNX graph against the engine on PyTorch, typing ``conversations`` with the folder's settings.
 
-    The top suggestions are compared with PyTorch in float32, the model as trained, which an int8 graph
-    approximates; keystroke savings and latency with PyTorch at the same int8 setting, the backend it replaces.
+    The reference is PyTorch with the weights the graph holds: with ``int8``, the int8 kernel that the evaluate
+    stage scores (``Engine.load(exact_batches=True)``), whose arithmetic the graph computes; else float32.
+    The top suggestions and keystroke savings are compared with it, and with ``int8`` the top suggestions
+    with float32 too, the model as trained. Latency is compared with the PyTorch engine as served
+    (int8 on one stream runs PyTorch's fused kernel, :func:`nextword.quantize.fused_int8`).
     """
     from nextword.engine import Engine
     from nextword.keystrokes import agreement, simulate
 
-    on_torch = Engine.load(model_dir, overrides={"backend": "torch", "int8": int8})
+    torch_engine = {"backend": "torch", "int8": int8}
+    served = Engine.load(model_dir, overrides=torch_engine)
+    reference = Engine.load(model_dir, overrides=torch_engine, exact_batches=True) if int8 else served
     exported = Engine.load(model_dir, overrides={"backend": "onnx", "int8": int8}, onnx=onnx)
-    reference = Engine.load(model_dir, overrides={"backend": "torch", "int8": False}) if int8 else on_torch
-    k = on_torch.options.suggestions
+    k = served.options.suggestions
     agree = agreement(reference, exported, conversations, k)
-    keys = {name: simulate(engine, conversations, k) for name, engine in (("torch", on_torch), ("onnx", exported))}
-    return {
-        "engine": on_torch.options.model_dump(exclude={"ngram_order", "banned_words", "backend"}),
+    engines = {"torch": reference, "onnx": exported} | ({"torch_served": served} if int8 else {})
+    keys = {name: simulate(engine, conversations, k) for name, engine in engines.items()}
+    result = {
+        "engine": served.options.model_dump(exclude={"ngram_order", "banned_words", "backend"}),
         "conversations": keys["torch"].conversations,
         "messages": keys["torch"].messages,
         "words": keys["torch"].words,
-        "top1_agreement": agree.top1,  # with the PyTorch engine in float32
+        "top1_agreement": agree.top1,  # with PyTorch on the same weights: the evaluated int8 kernel, or float32
         "agreement_keystrokes": agree.keystrokes,
         "max_prob_difference": agree.max_prob_difference,
+    }
+    if int8:
+        as_trained = agreement(Engine.load(model_dir, overrides={"backend": "torch", "int8": False}), exported,
+                               conversations, k)
+        result |= {"top1_agreement_float32": as_trained.top1,
+                   "max_prob_difference_float32": as_trained.max_prob_difference}
+    return result | {
         "ksr": {name: report.ksr for name, report in keys.items()},
         "ksr_difference_points": 100 * (keys["onnx"].ksr - keys["torch"].ksr),
         # per keystroke on one thread, wall-clock and the thread's CPU time, over the keystrokes each one timed
@@ -472,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write it (default: in the model folder, model.onnx or model.int8.onnx, "
                         "where engine.backend onnx reads it)")
     weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--int8", action="store_true", help="int8 weights (ONNX Runtime's dynamic quantization)")
+    weights.add_argument("--int8", action="store_true",
+                         help="int8 weights, the engine's own int8 arithmetic (the kernel the evaluate stage scores)")
     weights.add_argument("--fp16", action="store_true",
                          help="float16 weights, the embedding in 8 bits (a scale per 32 weights), computed in "
                               "float32: closer to the float32 model than --int8, slower; written where the float32 "

@@ -36,6 +36,11 @@ it is good at: the served engine steps one stream with the fused kernel
 this one (``Engine.load(exact_batches=True)``). Both hold the int8 weights of
 the same float32 model, rounded alike but for the scales (per row here, per
 tensor there); docs/results.md gives the KSR of both on the same conversations.
+
+The embedding table is looked up, not multiplied, so it keeps float32 arithmetic, but both kernels
+round its weights to 8 bits with a scale per block of ``EMBED_BLOCK`` weights of a row
+(:func:`embedding_blocks`): the values the int8 ONNX graph stores (:mod:`nextword.export`), which
+computes this module's arithmetic, so the engine on it serves what the evaluation scored.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from nextword.errors import NextwordError
 
 # Every row of an elementwise kernel is a whole number of SIMD iterations (2 x 16 float32 with AVX-512) and more.
 ROW_MULTIPLE = 64
+EMBED_BLOCK = 32  # weights of an embedding row that share a scale (embedding_blocks)
 
 
 def _scales(amax: torch.Tensor) -> torch.Tensor:
@@ -64,6 +70,37 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     scale = _scales(x.abs().amax(dim=1, keepdim=True))
     return torch.round(x / scale), scale
+
+
+def embedding_blocks(table: torch.Tensor, block: int = EMBED_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding ``table`` [words, width] in 8 bits, each run of ``block`` weights of a row with a scale of its
+    own: (the int8 rows [words, width], the float32 scales [words, width // block, 1]).
+
+    Symmetric: a block's largest weight is 127 times its scale. A row whose width ``block`` does not divide
+    is one block; an all-zero block (the padding's row) takes the scale 1, which gives it zeros. A scale per
+    block turns the top suggestion less often than one per row or per table (docs/results.md), for an eighth
+    more bytes than the int8 rows alone.
+    """
+    words, width = table.shape
+    block = block if width % block == 0 else width
+    blocks = table.detach().float().reshape(words, width // block, block)
+    scale = blocks.abs().amax(dim=2, keepdim=True) / 127
+    scale[scale == 0] = 1
+    return torch.round(blocks / scale).to(torch.int8).reshape(words, width), scale
+
+
+def blocks_to_float(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 table of :func:`embedding_blocks`'s 8-bit ``rows`` and ``scale``: each weight times its block's scale."""
+    words, width = rows.shape
+    return (rows.float().reshape(words, scale.shape[1], -1) * scale).reshape(words, width)
+
+
+def _round_embedding(model: nn.Module) -> nn.Module:
+    """``model`` (a quantized copy) with its embedding table rounded to the 8-bit blocks of :func:`embedding_blocks`."""
+    embed = getattr(model, "embed", None)
+    if isinstance(embed, nn.Embedding):
+        embed.weight = nn.Parameter(blocks_to_float(*embedding_blocks(embed.weight)), requires_grad=False)
+    return model
 
 
 class Int8Matrix(nn.Module):
@@ -151,7 +188,8 @@ class Int8Recurrent(nn.Module):
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with int8 weights in its linear and recurrent layers (the embedding stays float32)."""
+    """A copy of ``model`` with int8 weights in its linear and recurrent layers, and its embedding table rounded to
+    8-bit blocks (:func:`embedding_blocks`)."""
     if not hasattr(torch, "_int_mm"):
         raise NextwordError(f"torch {torch.__version__} has no int8 matrix product (torch._int_mm): "
                             "set engine.int8 false (--fp32), or engine.backend onnx")
@@ -161,11 +199,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         for name, child in parent.named_children():
             if type(child) in replacements:
                 parent._modules[name] = replacements[type(child)](child)
-    return model
+    return _round_embedding(model)
 
 
 def fused_int8(model: nn.Module) -> nn.Module:
-    """The model with int8 weights in its recurrent and linear layers: PyTorch's dynamic quantization.
+    """A copy of the model with int8 weights in its recurrent and linear layers, PyTorch's dynamic quantization,
+    and its embedding table rounded as :func:`quantize_int8` rounds it.
 
     The served engine's kernel: fused, with prepacked weights, the fastest step of one stream. Every
     cell has its matrices there: the fused LSTM/GRU layers, and the ``nn.Linear`` layers of the
@@ -189,7 +228,7 @@ def fused_int8(model: nn.Module) -> nn.Module:
         except ImportError:
             raise NextwordError(f"torch {torch.__version__} has no dynamic quantization: "
                                 "set engine.int8 false (--fp32), or engine.backend onnx") from None
-        return quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+        return _round_embedding(quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8))
 
 
 def batch_invariant(model: nn.Module) -> bool:
