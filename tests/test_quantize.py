@@ -123,7 +123,7 @@ def test_both_int8_kernels_round_the_embedding_to_8_bits_a_scale_per_block(tied)
     rounded = blocks_to_float(rows, scale)
     step = scale.repeat_interleave(EMBED_BLOCK, dim=1)[:, :, 0]
     assert 0 < (rounded - table).abs().max() and torch.all((rounded - table).abs() <= step / 2 + 1e-7)
-    assert torch.equal(rounded[0], torch.zeros(64))  # the padding's row: all zeros, scale 1
+    assert torch.equal(rounded[0], torch.zeros(64))  # the padding's row stays all zeros
     for quantized in (quantize_int8(model), fused_int8(model)):
         assert torch.equal(quantized.embed.weight, rounded)
     assert torch.equal(model.embed.weight, table)  # the float32 model keeps its table

@@ -76,16 +76,15 @@ def embedding_blocks(table: torch.Tensor, block: int = EMBED_BLOCK) -> tuple[tor
     """An embedding ``table`` [words, width] in 8 bits, each run of ``block`` weights of a row with a scale of its
     own: (the int8 rows [words, width], the float32 scales [words, width // block, 1]).
 
-    Symmetric: a block's largest weight is 127 times its scale. A row whose width ``block`` does not divide
-    is one block; an all-zero block (the padding's row) takes the scale 1, which gives it zeros. A scale per
-    block turns the top suggestion less often than one per row or per table (docs/results.md), for an eighth
-    more bytes than the int8 rows alone.
+    Symmetric, scaled as :func:`_scales` scales a matrix's rows: a block's largest weight is 127 times its
+    scale, and an all-zero block (the padding's row) stays zero. A row whose width ``block`` does not divide
+    is one block. A scale per block turns the top suggestion less often than one per row or per table
+    (docs/results.md), for an eighth more bytes than the int8 rows alone.
     """
     words, width = table.shape
     block = block if width % block == 0 else width
     blocks = table.detach().float().reshape(words, width // block, block)
-    scale = blocks.abs().amax(dim=2, keepdim=True) / 127
-    scale[scale == 0] = 1
+    scale = _scales(blocks.abs().amax(dim=2, keepdim=True))
     return torch.round(blocks / scale).to(torch.int8).reshape(words, width), scale
 
 
