@@ -107,7 +107,10 @@ def export_onnx(model: LanguageModel, path: str | Path, int8: bool = False, fp16
             import onnx
 
             step = onnx.load(graph)
-            int8_graph(step) if int8 else halve(step)
+            if int8:
+                int8_graph(step)
+            else:
+                halve(step)
             onnx.save(step, tmp)
         size = tmp.stat().st_size
     return size
