@@ -120,7 +120,8 @@ def fim_model_dir(tmp_path_factory):
     return path
 
 
-def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float = 10.0, options=PLAIN, ngram=None):
+def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float = 10.0, options=PLAIN, ngram=None,
+                      rare=()):
     """An Engine whose next-token distribution never changes: softmax of ``logits`` (and the specials).
 
     A real LanguageModel with a zero output matrix, so its output bias alone
@@ -132,7 +133,7 @@ def make_fixed_engine(logits: dict[str, float], banned=(), special_logit: float 
     from nextword.vocab import SPECIALS, Vocab
 
     tokens = list(SPECIALS) + [t for t in logits if t not in SPECIALS]
-    vocab = Vocab(tokens, [0] * len(tokens))
+    vocab = Vocab(tokens, [0] * len(tokens), list(rare))  # rare: the dictionary outside the vocabulary
     model = LanguageModel(model_config(len(vocab), embedding=4, hidden=4, layers=1))
     with torch.no_grad():
         model.decoder.weight.zero_()

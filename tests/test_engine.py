@@ -290,6 +290,36 @@ def test_words_passed_over_are_not_shown_again_for_the_same_word(fixed_engine):
     assert [s.word for s in plain.suggest("t", typing=True)] == ["the", "they", "then"]
 
 
+def test_free_slots_show_words_outside_the_vocabulary_the_conversations_own_first(fixed_engine):
+    cached = PLAIN.model_copy(update={"cache_weight": 0.05})
+    # The dictionary, most frequent first: the train split's words below vocab.min_freq.
+    rare = ["catnip", "zeal", "zulu", "zebra", "cattle"]
+    engine = fixed_engine(WORDS, banned={"zulu"}, options=cached, rare=rare)
+    session = engine.session()
+    session.add_message("user", "zorro saw zest , zorro !")
+    session.start_message("agent")
+
+    def strip(prefix, **kwargs):
+        return [(s.word, round(s.probability, 6)) for s in session.suggest(prefix, **kwargs)]
+
+    # The vocabulary's words come first, with their probabilities; the model gives the others none.
+    assert strip("c") == [("cat", 1.0), ("catnip", 0.0), ("cattle", 0.0)]
+    assert [w for w, _ in strip("")] == [w for w, _ in strip("t")] == ["the", "they", "then"]  # no free slot
+    assert strip("z") == [("zorro", 0.0), ("zest", 0.0), ("zeal", 0.0)]  # the most committed first, then the dictionary
+    assert strip("ze") == [("zest", 0.0), ("zeal", 0.0), ("zebra", 0.0)]
+    assert strip("zu") == []  # banned
+    assert strip("ze", typing=True, skip_rejected=True) == [("zebra", 0.0)]  # zest and zeal were shown at "z"
+    session.type_text("agent", "zig zag ")
+    assert strip("z") == [("zorro", 0.0), ("zag", 0.0), ("zest", 0.0)]
+    session.discard_draft()  # the draft's words go with it
+    assert strip("z") == [("zorro", 0.0), ("zest", 0.0), ("zeal", 0.0)]
+    # Without the cache, the conversation's own words are not kept: the dictionary alone.
+    plain = fixed_engine(WORDS, banned={"zulu"}, rare=rare).session()
+    plain.add_message("user", "zorro saw zest , zorro !")
+    plain.start_message("agent")
+    assert [s.word for s in plain.suggest("z")] == ["zeal", "zebra"]
+
+
 def test_the_cache_mixes_in_the_words_of_this_conversation(fixed_engine):
     c = 0.2
     plain, cached = fixed_engine(WORDS), fixed_engine(WORDS, options=PLAIN.model_copy(update={"cache_weight": c}))

@@ -124,7 +124,12 @@ BATCH_CONVERSATIONS = [
     [("user", "thanks")],
     [],
     [("user", "the test took two times , then the train took time"), ("agent", "today they tried")] * 3,
+    # Words outside the vocabulary, which only free slots show (Engine.fill): the dictionary's, and the
+    # conversation's own once committed.
+    [("user", "zorro took the tea ?"), ("agent", "zorro , zebra , zeal and tomorrow , zorro")],
 ]
+# The fixture's dictionary: words outside its vocabulary, most frequent first.
+RARE = ["zeal", "tea", "zebra", "zone", "tomorrow"]
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +146,7 @@ def batch_engine_dir(tmp_path_factory):
 
     tokenized = [(speaker, tokenize(text)) for speaker, text in T_WORDS]
     vocab = Vocab.build([tokens for _, tokens in tokenized])
+    vocab.rare = RARE
     torch.manual_seed(0)
     model = LanguageModel(model_config(len(vocab), embedding=32, hidden=64, layers=2)).eval()
     stream = split_stream(tokenized, vocab, speaker_tags=True)
@@ -158,7 +164,7 @@ def test_batched_simulation_counts_exactly_what_one_stream_counts(batch_engine_d
     assert engine.options.int8 and engine.options.backend == "torch" and engine.ngram is not None and engine.caching
     assert engine.batch_invariant
     one = simulate(engine, BATCH_CONVERSATIONS).savings()
-    assert one.words == 31 + 10 + 1 + 0 + 39 and one.conversations == 5 and 0 < one.ksr < 1
+    assert one.words == 31 + 10 + 1 + 0 + 39 + 10 and one.conversations == 6 and 0 < one.ksr < 1
     assert one.ksr_show_rejected < one.ksr_skip_rejected  # both strips are exercised
     for batch_size in (2, 16):  # streams joining as others finish, and all at once
         assert simulate_batched(engine, BATCH_CONVERSATIONS, batch_size=batch_size) == one
@@ -170,6 +176,12 @@ def test_batched_simulation_counts_exactly_what_one_stream_counts(batch_engine_d
     outside = simulate(engine, BATCH_CONVERSATIONS, vocabulary=vocabulary).savings()
     assert outside.oov_words < one.words and 0 < outside.oov_completed < outside.oov_words
     assert simulate_batched(engine, BATCH_CONVERSATIONS, batch_size=2, processes=2, vocabulary=vocabulary) == outside
+    # The engine's own vocabulary: of the 10 words outside it, the second and third "zorro" (the conversation's
+    # own), and "tea", "zebra" twice, "zeal" and "tomorrow" (the dictionary's) are shown before typed in full;
+    # "what", "and" and the first "zorro" are not.
+    own = simulate(engine, BATCH_CONVERSATIONS, vocabulary=engine.vocab.index).savings()
+    assert (own.oov_words, own.oov_completed) == (10, 7)
+    assert simulate_batched(engine, BATCH_CONVERSATIONS, batch_size=2, vocabulary=engine.vocab.index) == own
 
 
 MIXES = [{"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0}, {"cache_weight": 0.0}, {},

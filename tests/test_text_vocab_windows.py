@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 
 from nextword.text import detokenize, is_word, tokenize
@@ -25,13 +27,19 @@ def test_vocab_specials_first_then_by_count_with_stable_ties():
     capped = Vocab.build([["b", "a", "c", "a"], ["b", "d"]], min_freq=2, max_size=7)
     assert capped.tokens[len(SPECIALS):] == ["a"]
     assert capped.encode(["a", "zzz"]) == [6, UNK_ID]
+    # What is left out, below min_freq or beyond max_size, is kept as the engine's dictionary, by count.
+    assert vocab.rare == [] and capped.rare == ["b", "c", "d"]
+    assert Vocab.build([["b", "a", "c", "a"], ["b", "d"]], min_freq=1, max_size=7).rare == ["b", "c", "d"]
 
 
 def test_vocab_round_trip(tmp_path):
-    vocab = Vocab.build([["x", "y", "y"]])
+    vocab = Vocab.build([["x", "y", "y", "z"]], min_freq=2)
     vocab.save(tmp_path / "v.json")
     loaded = Vocab.load(tmp_path / "v.json")
-    assert loaded.tokens == vocab.tokens and loaded.counts == vocab.counts
+    assert loaded.tokens == vocab.tokens and loaded.counts == vocab.counts and loaded.rare == vocab.rare == ["x", "z"]
+    # A file written before the dictionary was kept loads with none.
+    (tmp_path / "old.json").write_text(json.dumps({"tokens": vocab.tokens, "counts": vocab.counts}))
+    assert Vocab.load(tmp_path / "old.json").rare == []
 
 
 def test_message_shorter_than_window_is_kept():

@@ -28,6 +28,15 @@ And while a word is typed, a word the strip already showed for it at a
 shorter prefix is not shown again (``skip_rejected``): the person saw it and
 typed on, so it is not the word, and its slot goes to the next candidate.
 
+Words outside the vocabulary, which the model reads as ``<UNK>``, fill the
+slots that no vocabulary word starting with the typed letters takes, as a
+phone keyboard's dictionary and its learned words do (:meth:`Engine.fill`):
+first the words of this conversation so far (kept with the cache: a name
+typed once is offered the next time), then the train split's words that
+``vocab.min_freq`` left out (``vocab.rare``). They never push a vocabulary
+word out of the strip, and their probability is shown as 0: the model gives
+them none of their own.
+
 Fill-in-the-middle: with the cursor inside a message, ``suggest(right=...)``
 takes the text after the cursor into account. The ``FIM_CANDIDATES`` best
 words from the left context (the distribution above, prefix included) are
@@ -144,6 +153,13 @@ class Engine:
         self.sorted_words = [w for w, _ in words]
         self.sorted_ids = np.array([i for _, i in words], dtype=np.int64)
         self.vocab_ids = np.arange(len(vocab), dtype=np.int64)
+        self.banned = frozenset(banned)
+        # The dictionary: the train split's words outside the vocabulary, most frequent first (see fill),
+        # and the same words in alphabetical order with each one's place in that ranking.
+        self.rare = [t for t in vocab.rare if self.fills(t)]
+        by_word = sorted(range(len(self.rare)), key=self.rare.__getitem__)
+        self.rare_sorted = [self.rare[i] for i in by_word]
+        self.rare_places = np.array(by_word, dtype=np.int64)
 
     @classmethod
     def load(cls, model_dir: str | Path, options: EngineParams | None = None,
@@ -324,9 +340,40 @@ class Engine:
 
     def prefix_range(self, prefix: str) -> tuple[int, int]:
         """The slice of ``sorted_words`` that start with ``prefix``."""
-        lo = bisect.bisect_left(self.sorted_words, prefix)
-        hi = bisect.bisect_left(self.sorted_words, prefix + "\U0010ffff", lo)
-        return lo, hi
+        return _prefix_range(self.sorted_words, prefix)
+
+    def fills(self, token: str) -> bool:
+        """Whether ``token``, outside the vocabulary, may fill the strip: a word, and not a banned one."""
+        return is_word(token) and token not in self.banned and token not in self.vocab.index
+
+    def fill(self, prefix: str, free: int, unknown: dict[str, int], rejected=frozenset()) -> list[str]:
+        """Up to ``free`` words outside the vocabulary that start with ``prefix``, for the strip's free slots.
+
+        The model gives such a word no probability of its own (it reads every one as ``<UNK>``), so
+        these only take the slots that no vocabulary word starting with ``prefix`` takes: first the
+        conversation's own (``unknown``, word -> times committed), the most committed first, then the
+        dictionary's (the train split's words below ``vocab.min_freq``), the most frequent first;
+        ties alphabetical. Words in ``rejected`` are left out.
+        """
+        if free <= 0:
+            return []
+        found = sorted((w for w in unknown if w.startswith(prefix) and w not in rejected),
+                       key=lambda w: (-unknown[w], w))[:free]
+        if len(found) < free:
+            lo, hi = _prefix_range(self.rare_sorted, prefix)
+            for place in np.sort(self.rare_places[lo:hi]).tolist():
+                word = self.rare[place]
+                if word not in rejected and word not in unknown:
+                    found.append(word)
+                    if len(found) == free:
+                        break
+        return found
+
+
+def _prefix_range(sorted_words: list[str], prefix: str) -> tuple[int, int]:
+    """The slice of ``sorted_words`` that start with ``prefix``."""
+    lo = bisect.bisect_left(sorted_words, prefix)
+    return lo, bisect.bisect_left(sorted_words, prefix + "\U0010ffff", lo)
 
 
 @dataclass(frozen=True)
@@ -396,6 +443,7 @@ class Session:
         self._pending: list[int] = []  # committed ids not yet run through the model
         self._history: tuple[int, ...] = ()  # the last ids run through it, as many as the n-gram reads
         self._cache = _Cache()  # what this conversation committed, for the engine's cache
+        self._unknown: dict[str, int] = {}  # with the cache: its words outside the vocabulary (Engine.fill)
         self.in_message = False
         self._draft: _Draft | None = None
         self._lock = threading.Lock()  # a shared session may be read from several threads
@@ -433,17 +481,21 @@ class Session:
         return None if self._dist is None else self._dist.log_probs
 
     def _snapshot(self) -> tuple:
-        return self._state, self._dist, list(self._pending), self.in_message, self._history, self._cache
+        return self._state, self._dist, list(self._pending), self.in_message, self._history, self._cache, \
+            self._unknown
 
     def _restore(self, snapshot: tuple) -> None:
-        self._state, self._dist, pending, self.in_message, self._history, self._cache = snapshot
+        self._state, self._dist, pending, self.in_message, self._history, self._cache, self._unknown = snapshot
         self._pending = list(pending)
 
     # -- committing tokens and messages ---------------------------------------------------------------
 
     def feed(self, token: str) -> None:
         """Commit one token to the context (run through the model when a distribution is next needed)."""
-        self._pending.append(self.engine.vocab.id(token))
+        engine = self.engine
+        self._pending.append(engine.vocab.id(token))
+        if engine.caching and engine.fills(token):  # a new dict: snapshots and forks keep the old one
+            self._unknown = {**self._unknown, token: self._unknown.get(token, 0) + 1}
 
     def start_message(self, speaker: str) -> None:
         if speaker not in SPEAKER_TAG:
@@ -577,7 +629,7 @@ class Session:
     def _fill_in(self, dist: _Distribution, prefix: str, k: int, right_ids: list[int]) -> list[Suggestion]:
         """The top k of the left context's best ``FIM_CANDIDATES`` words rescored with ``right_ids``."""
         engine = self.engine
-        candidates = self._top(dist, prefix, max(k, FIM_CANDIDATES), frozenset())
+        candidates = self._ranked(dist, prefix, max(k, FIM_CANDIDATES), frozenset())
         if not candidates:
             return []
         ids = np.array([engine.vocab.id(s.word) for s in candidates], dtype=np.int64)
@@ -589,6 +641,16 @@ class Session:
         return [Suggestion(candidates[i].word, float(posterior[i])) for i in order]
 
     def _top(self, dist: _Distribution, prefix: str, k: int, rejected) -> list[Suggestion]:
+        """The strip: the best ``k`` vocabulary words that start with ``prefix``, not in ``rejected``; free
+        slots go to words outside the vocabulary (:meth:`Engine.fill`), whose probability is 0."""
+        top = self._ranked(dist, prefix, k, rejected)
+        if len(top) < k:
+            top += [Suggestion(w, 0.0) for w in self.engine.fill(prefix, k - len(top), self._unknown, rejected)]
+        return top
+
+    def _ranked(self, dist: _Distribution, prefix: str, k: int, rejected) -> list[Suggestion]:
+        """The best ``k`` vocabulary words that start with ``prefix``, not in ``rejected``, with their
+        probabilities given ``prefix``."""
         engine = self.engine
         if prefix:  # the words that start with it: a slice of the sorted words
             lo, hi = engine.prefix_range(prefix)

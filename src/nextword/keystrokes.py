@@ -13,8 +13,10 @@ are comparable with other engines:
 * For a word ``w``, after its first ``i`` characters (``i = 0 .. len(w) - 1``)
   the engine shows ``k`` suggestions (three). At the first ``i`` where ``w``
   is among them the word costs ``i + 1`` keystrokes (``i`` characters and one
-  to accept, which also inserts the space); if it never appears, or is out of
-  the vocabulary, it costs ``len(w) + 1``, as it does without prediction.
+  to accept, which also inserts the space); if it never appears it costs
+  ``len(w) + 1``, as it does without prediction. A word outside the
+  vocabulary appears only in a slot that no vocabulary word takes (see
+  :meth:`nextword.engine.Engine.fill`).
   The engine is asked as the strip of someone typing (``typing=True``), with
   its own ``skip_rejected`` setting.
 * KSR = 1 - sum(cost) / sum(len(w) + 1).
@@ -34,7 +36,8 @@ once: their committed tokens run through the model in one batched step, the
 n-gram and cache are mixed in for the whole batch, and a word's cost is read
 from its rank among the words that start with each prefix (with
 ``skip_rejected``, less the words shown at shorter prefixes), not from one
-strip after another. It gives exactly the counts :func:`simulate` gives,
+strip after another (a word outside the vocabulary: from the number of
+vocabulary words that start with each prefix, and the free slots' words). It gives exactly the counts :func:`simulate` gives,
 which asks the engine's sessions as a person would, because every row of the
 batched step is bit for bit the step of that stream alone: that holds for the
 PyTorch step with int8 weights (:mod:`nextword.quantize`, the engine's
@@ -52,7 +55,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Collection, Iterable, Sequence
 
 import numpy as np
@@ -361,8 +364,13 @@ def _batched(engines: Sequence[Engine], conversations: list[Conversation], k: in
                 stream.cache = stream.cache.extended(ids, lead.blocked_suggest)
             stream.at += 1
         histories, caches, words = [s.history for s in active], [s.cache for s in active], [w for _, w in steps]
+        unknowns = [s.unknown for s in active]
         for engine, scorer, tally in zip(engines, scorers, tallies):
-            scorer.score(engine.mix_rows(log_probs, histories, caches), words, tally)
+            scorer.score(engine.mix_rows(log_probs, histories, caches), words, tally, unknowns)
+        if caching:  # the word typed is committed: a session's cache keeps it when it is outside the vocabulary
+            for stream, word in zip(active, words):
+                if lead.fills(word):
+                    stream.unknown[word] = stream.unknown.get(word, 0) + 1
     return tallies
 
 
@@ -375,6 +383,7 @@ class _Stream:
     state: object = None
     history: tuple = ()
     cache: _Cache = _Cache()
+    unknown: dict = field(default_factory=dict)  # the session's words outside the vocabulary (Engine.fill)
 
 
 def _script(engine: Engine, conversation: Conversation, tallies: list[_Tally]) -> list[tuple[list[int], str]]:
@@ -419,13 +428,13 @@ class _Scorer:
             found = self.words[word] = (at, [self.engine.prefix_range(word[:i]) for i in range(len(word))])
         return found
 
-    def score(self, log_probs: np.ndarray, words: list[str], tally: _Tally) -> None:
+    def score(self, log_probs: np.ndarray, words: list[str], tally: _Tally, unknowns: list[dict]) -> None:
         k, ids = self.k, self.engine.sorted_ids
         places = [self.word(w) for w in words]
         rows = [row for row, (at, _) in enumerate(places) if at >= 0]
         for row, word in enumerate(words):
-            if places[row][0] < 0:  # out of the vocabulary, or never suggested: typed in full
-                tally.word(word, len(word) + 1, len(word) + 1, False, False)
+            if places[row][0] < 0:  # out of the vocabulary, or never suggested: only a free slot may show it
+                self._fill_costs(word, places[row][1], log_probs[row], unknowns[row], tally)
         if not rows:
             return
         at = np.array([places[row][0] for row in rows])
@@ -451,6 +460,35 @@ class _Scorer:
             shown = len(ranks) if ranks[-1] < k else len(word) + 1
             skipped = self._skip_cost(scores[i], ranks, ranges, len(word) + 1, last.get(i))
             tally.word(word, shown, skipped, ranks[0] == 0, ranks[0] < k)
+
+    def _fill_costs(self, word: str, ranges, log_probs: np.ndarray, unknown: dict, tally: _Tally) -> None:
+        """Tally a word that no vocabulary word's place shows: one outside the vocabulary (Engine.fill),
+        or one never suggested, typed in full.
+
+        The vocabulary's words come first in a strip, so with words passed over shown again the word is
+        shown after a prefix that fewer than ``k`` of them start with, if it is among the free slots' words;
+        with ``skip_rejected`` the strips are worked out one after another, as the session does.
+        """
+        engine, k, ids, without = self.engine, self.k, self.engine.sorted_ids, len(word) + 1
+        unknown = unknown if engine.caching else {}
+        if not engine.fills(word) or not (engine.rare or unknown):
+            tally.word(word, without, without, False, False)
+            return
+        shown = next((i + 1 for i, (lo, hi) in enumerate(ranges)
+                      if word in engine.fill(word[:i], k - (hi - lo), unknown)), without)
+        skipped, first, rejected = without, [], set()
+        for i, (lo, hi) in enumerate(ranges):
+            scores = log_probs[ids[lo:hi]]
+            top = lo + best(scores, ids[lo:hi], min(k + len(rejected), hi - lo)) if hi > lo else []
+            strip = [w for w in (engine.sorted_words[place] for place in top) if w not in rejected][:k]
+            strip += engine.fill(word[:i], k - len(strip), unknown, rejected)
+            if i == 0:  # nothing is passed over yet: the strip of the word's start either way
+                first = strip
+            if word in strip:
+                skipped = i + 1
+                break
+            rejected.update(strip)
+        tally.word(word, shown, skipped, first[:1] == [word], word in first[:k])
 
     def _skip_cost(self, scores: np.ndarray, ranks: list[int], ranges, without: int, last: float | None) -> int:
         k, ids = self.k, self.engine.sorted_ids

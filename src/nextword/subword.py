@@ -76,7 +76,6 @@ class SubwordEngine(Engine):
                  backend=None):
         super().__init__(model, vocab, config, banned, ngram, options, backend)
         self.tokenizer = tokenizer
-        self.banned = frozenset(banned)
         self.special_ids = {token: vocab.id(token) for token in SPECIALS}
         starts, continuations = [], []
         self.piece_text = [""] * len(vocab)
