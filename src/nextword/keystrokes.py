@@ -37,8 +37,9 @@ n-gram and cache are mixed in for the whole batch, and a word's cost is read
 from its rank among the words that start with each prefix (with
 ``skip_rejected``, less the words shown at shorter prefixes), not from one
 strip after another (a word outside the vocabulary: from the number of
-vocabulary words that start with each prefix, and the free slots' words). It gives exactly the counts :func:`simulate` gives,
-which asks the engine's sessions as a person would, because every row of the
+vocabulary words that start with each prefix, and the free slots' words).
+It gives exactly the counts :func:`simulate` gives, which asks the engine's
+sessions as a person would, because every row of the
 batched step is bit for bit the step of that stream alone: that holds for the
 PyTorch step with int8 weights (:mod:`nextword.quantize`, the engine's
 default), and with any other the conversations are typed one at a time.
