@@ -290,6 +290,27 @@ def test_words_passed_over_are_not_shown_again_for_the_same_word(fixed_engine):
     assert [s.word for s in plain.suggest("t", typing=True)] == ["the", "they", "then"]
 
 
+def test_the_typing_strip_leaves_out_the_word_the_letters_spell(fixed_engine):
+    # Tapping "the" after typing "the" would do what the space bar does: its slot goes to a completion.
+    session = fixed_engine(WORDS, rare=["thee", "zeal"]).session()
+    session.start_message("user")
+
+    def words(prefix, **kwargs):
+        return [s.word for s in session.suggest(prefix, **kwargs)]
+
+    assert words("the") == ["the", "they", "then"]  # a one-off query lists it
+    assert words("the", typing=True) == ["they", "then", "there"]
+    typed = session.suggest("the", typing=True)
+    # Each probability is still the word's given the letters typed, "the" itself among them.
+    np.testing.assert_allclose([s.probability for s in typed],
+                               np.exp([4.0, 3.0, 2.0]) / np.exp([5.0, 4.0, 3.0, 2.0, 1.0]).sum(), rtol=1e-5)
+    assert words("", typing=True) == ["the", "they", "then"]  # before the first letter nothing is spelt yet
+    assert words("zeal", typing=True) == [] and words("zeal") == ["zeal"]  # a free slot's word too
+    assert words("the", typing=True, right=" end") == ["the", "they", "then"]  # inside a message: it replaces more
+    # Skipping words passed over: the, they, then were shown at "", the other t-words at "t".
+    assert [words(p, typing=True, skip_rejected=True) for p in ("t", "th", "the")] == [["there", "them", "thee"], [], []]
+
+
 def test_free_slots_show_words_outside_the_vocabulary_the_conversations_own_first(fixed_engine):
     cached = PLAIN.model_copy(update={"cache_weight": 0.05})
     # The dictionary, most frequent first: the train split's words below vocab.min_freq.

@@ -342,6 +342,14 @@ class Engine:
         """The slice of ``sorted_words`` that start with ``prefix``."""
         return _prefix_range(self.sorted_words, prefix)
 
+    def strip_range(self, prefix: str) -> tuple[int, int]:
+        """The slice of ``sorted_words`` the strip of someone typing ranks after ``prefix``: the words that
+        start with it, less the word it spells (:func:`typed_word`), which sorts first among them."""
+        lo, hi = self.prefix_range(prefix)
+        if prefix and lo < hi and self.sorted_words[lo] == prefix:
+            lo += 1
+        return lo, hi
+
     def fills(self, token: str) -> bool:
         """Whether ``token``, outside the vocabulary, may fill the strip: a word, and not a banned one."""
         return is_word(token) and token not in self.banned and token not in self.vocab.index
@@ -368,6 +376,18 @@ class Engine:
                     if len(found) == free:
                         break
         return found
+
+
+def typed_word(prefix: str) -> frozenset[str]:
+    """What the strip of someone typing leaves out after the letters ``prefix``: the word they already
+    spell (none before the first letter).
+
+    Tapping it would do just what the space bar does, so the slot goes to a word that saves keystrokes:
+    after "the", the strip offers "they", "then" and "there", not "the". A one-off query (the CLI's
+    ``suggest``, the MLflow model) still lists it, and so does a strip inside a word (fill-in-the-middle),
+    where accepting a word also replaces the letters after the cursor.
+    """
+    return frozenset((prefix,)) if prefix else frozenset()
 
 
 def _prefix_range(sorted_words: list[str], prefix: str) -> tuple[int, int]:
@@ -593,9 +613,10 @@ class Session:
         that start with ``prefix``. Ties go to the more frequent word.
 
         ``typing`` asks for the suggestion strip of someone typing the word
-        letter by letter, who saw the strip at every shorter prefix. With the
-        engine's ``skip_rejected``, the words shown there were passed over and
-        are left out. They are worked out from the prefix, not remembered from
+        letter by letter, who saw the strip at every shorter prefix. It leaves
+        out the word the letters already spell (:func:`typed_word`). With the
+        engine's ``skip_rejected``, the words shown at shorter prefixes were
+        passed over and are left out too. They are worked out from the prefix, not remembered from
         earlier calls, so the result depends only on the conversation and the
         text typed (the web API stays stateless); each prefix is computed once
         per position. Without ``typing`` (a one-off query: the CLI's
@@ -607,7 +628,9 @@ class Session:
         the left are rescored with it, one batched model pass, and a
         probability is then that of the word among those rescored, given both
         sides. Nothing is left out for ``typing`` then: each strip is worked
-        out afresh. Without right-hand tokens (an empty or blank ``right``) it is the plain strip.
+        out afresh, and accepting a word replaces the letters after the cursor
+        too. Without right-hand tokens (an empty or blank ``right``) it is the
+        plain strip.
         """
         dist = self._distribution()
         prefix = prefix.lower()
@@ -615,14 +638,16 @@ class Session:
         if right_ids:
             return self._fill_in(dist, prefix, k, right_ids)
         skip = self.engine.options.skip_rejected if skip_rejected is None else skip_rejected
-        if not (typing and skip):
+        if not typing:
             return self._top(dist, prefix, k, frozenset())
+        if not skip:
+            return self._top(dist, prefix, k, typed_word(prefix))
         rejected: set[str] = set()
         for end in range(len(prefix) + 1):
             key = (prefix[:end], k)
             shown = dist.shown.get(key)
             if shown is None:
-                shown = dist.shown[key] = self._top(dist, key[0], k, rejected)
+                shown = dist.shown[key] = self._top(dist, key[0], k, rejected | typed_word(key[0]))
             rejected.update(s.word for s in shown)
         return shown
 

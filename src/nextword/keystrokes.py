@@ -18,7 +18,9 @@ are comparable with other engines:
   vocabulary appears only in a slot that no vocabulary word takes (see
   :meth:`nextword.engine.Engine.fill`).
   The engine is asked as the strip of someone typing (``typing=True``), with
-  its own ``skip_rejected`` setting.
+  its own ``skip_rejected`` setting. That strip never offers the word the
+  letters typed already spell (:func:`nextword.engine.typed_word`): accepting
+  it would cost the keystroke the space bar costs, so it can save none.
 * KSR = 1 - sum(cost) / sum(len(w) + 1).
 * The simulated typist reads the strip after every letter. That is
   optimistic, and more so with ``skip_rejected``, which hides the words shown
@@ -63,7 +65,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nextword.engine import Engine, _Cache, best
+from nextword.engine import Engine, _Cache, best, typed_word
 from nextword.errors import NextwordError
 from nextword.text import is_word, tokenize
 from nextword.vocab import SPEAKER_TAG
@@ -420,13 +422,14 @@ class _Scorer:
         self.words: dict[str, tuple[int, list[tuple[int, int]]]] = {}
 
     def word(self, word: str) -> tuple[int, list[tuple[int, int]]]:
-        """Where ``word`` sits among the suggestable words (-1: not one), and the range of each prefix."""
+        """Where ``word`` sits among the suggestable words (-1: not one), and the range each prefix's strip
+        ranks (:meth:`Engine.strip_range`)."""
         found = self.words.get(word)
         if found is None:
             sorted_words = self.engine.sorted_words
             at = bisect.bisect_left(sorted_words, word)
             at = at if at < len(sorted_words) and sorted_words[at] == word else -1
-            found = self.words[word] = (at, [self.engine.prefix_range(word[:i]) for i in range(len(word))])
+            found = self.words[word] = (at, [self.engine.strip_range(word[:i]) for i in range(len(word))])
         return found
 
     def score(self, log_probs: np.ndarray, words: list[str], tally: _Tally, unknowns: list[dict]) -> None:
@@ -476,13 +479,13 @@ class _Scorer:
             tally.word(word, without, without, False, False)
             return
         shown = next((i + 1 for i, (lo, hi) in enumerate(ranges)
-                      if word in engine.fill(word[:i], k - (hi - lo), unknown)), without)
+                      if word in engine.fill(word[:i], k - (hi - lo), unknown, typed_word(word[:i]))), without)
         skipped, first, rejected = without, [], set()
         for i, (lo, hi) in enumerate(ranges):
             scores = log_probs[ids[lo:hi]]
             top = lo + best(scores, ids[lo:hi], min(k + len(rejected), hi - lo)) if hi > lo else []
             strip = [w for w in (engine.sorted_words[place] for place in top) if w not in rejected][:k]
-            strip += engine.fill(word[:i], k - len(strip), unknown, rejected)
+            strip += engine.fill(word[:i], k - len(strip), unknown, rejected | typed_word(word[:i]))
             if i == 0:  # nothing is passed over yet: the strip of the word's start either way
                 first = strip
             if word in strip:
