@@ -616,11 +616,11 @@ class Session:
         letter by letter, who saw the strip at every shorter prefix. It leaves
         out the word the letters already spell (:func:`typed_word`). With the
         engine's ``skip_rejected``, the words shown at shorter prefixes were
-        passed over and are left out too. They are worked out from the prefix, not remembered from
-        earlier calls, so the result depends only on the conversation and the
-        text typed (the web API stays stateless); each prefix is computed once
-        per position. Without ``typing`` (a one-off query: the CLI's
-        ``suggest``, the MLflow model) nothing is left out. ``skip_rejected``
+        passed over and are left out too. They are worked out from the prefix,
+        not remembered from earlier calls, so the result depends only on the
+        conversation and the text typed (the web API stays stateless); each
+        prefix is computed once per position. Without ``typing`` (a one-off
+        query: the CLI's ``suggest``, the MLflow model) nothing is left out. ``skip_rejected``
         overrides the engine's setting (the keystroke simulation scores both).
 
         ``right`` is the text after the cursor, when it is inside the message
