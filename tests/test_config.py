@@ -30,7 +30,7 @@ def with_value(key: str, value):
 def test_committed_params_are_valid_and_the_chat_preset():
     params = load_params(ROOT / "params.yaml")
     assert params.preset == "chat" and params.window.length == 15 and params.model.layers == 1
-    assert params.model.embedding == 256 and params.model.hidden == 384 and params.train.batch_size == 64
+    assert params.model.embedding == 256 and params.model.hidden == 512 and params.train.batch_size == 64
     assert params.seed == 7 and params.window.speaker_tags
 
 
@@ -78,14 +78,14 @@ def test_every_cell_is_accepted_and_the_transformer_needs_an_even_width_per_head
     for cell in ("lstm", "gru", "lnlstm", "transformer"):
         assert parse_params(with_value("model.cell", cell)).model.cell == cell
     raw = with_value("model.cell", "transformer")
-    raw["model"]["heads"] = 5  # 384 / 5
-    with pytest.raises(NextwordError, match=r"^params.yaml: model: .*hidden \(384\) split by heads \(5\)"):
+    raw["model"]["heads"] = 5  # 512 / 5
+    with pytest.raises(NextwordError, match=r"^params.yaml: model: .*hidden \(512\) split by heads \(5\)"):
         parse_params(raw)
-    raw["model"]["heads"] = 384  # one wide: rotary positions rotate pairs
+    raw["model"]["heads"] = 512  # one wide: rotary positions rotate pairs
     with pytest.raises(NextwordError, match=r"^params.yaml: model: .*even width per head"):
         parse_params(raw)
     raw["model"]["cell"] = "lstm"  # which the LSTM does not read
-    assert parse_params(raw).model.heads == 384
+    assert parse_params(raw).model.heads == 512
     with pytest.raises(NextwordError, match=r"^params.yaml: model.cell: "):
         parse_params(with_value("model.cell", "rnn"))
 
