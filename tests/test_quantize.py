@@ -8,7 +8,7 @@ from conftest import model_config
 from nextword.backends import TorchStep
 from nextword.errors import NextwordError
 from nextword.model import LanguageModel
-from nextword.quantize import quantize_int8
+from nextword.quantize import EXACT_FLOAT32_INPUTS, Int8Matrix, int8_products_fast, quantize_int8
 
 # Steps of different lengths (ids committed at once), as streams typing different things have them.
 STEPS = [[5, 6, 7], [8], [9, 10], [11], [3, 4, 12, 13]]
@@ -75,6 +75,26 @@ def test_int8_products_are_summed_exactly():
     expected = a.double() @ w.double()
     assert torch.equal(torch._int_mm(a, w).double(), expected)
     assert torch.equal(torch._int_mm(a[:1], w).double(), expected[:1])
+
+
+@pytest.mark.parametrize("inputs", [64, 512, EXACT_FLOAT32_INPUTS, EXACT_FLOAT32_INPUTS + 60])
+def test_the_integer_products_give_the_same_numbers_whichever_way_they_are_summed(inputs):
+    # int32 where torch._int_mm is fast, float32 or float64 where it is not: every CPU serves the same suggestions.
+    torch.manual_seed(inputs)
+    weight, bias = torch.randn(24, inputs), torch.randn(24)
+    x = torch.randn(20, inputs) * 3
+    x[3] = 0  # a zero row keeps a tiny scale and gives the bias
+    ways = ["int", "float64"] + (["float32"] if inputs <= EXACT_FLOAT32_INPUTS else [])
+    outs = {way: Int8Matrix(weight, bias, products=way)(x) for way in ways}
+    for way in ways:
+        assert torch.equal(outs[way], outs["int"]), way
+        assert torch.equal(Int8Matrix(weight, bias, products=way)(x[5:6]), outs["int"][5:6]), way
+    fast, narrow = int8_products_fast(), inputs <= Int8Matrix.FLOAT_PRODUCTS
+    expected = "float32" if narrow or (not fast and inputs <= EXACT_FLOAT32_INPUTS) else "int" if fast else "float64"
+    assert Int8Matrix(weight, bias).products == expected
+    if inputs > EXACT_FLOAT32_INPUTS:
+        with pytest.raises(ValueError, match="float32"):
+            Int8Matrix(weight, bias, products="float32")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "lnlstm", "transformer"])

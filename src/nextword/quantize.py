@@ -14,8 +14,9 @@ here everything is per row:
 
 * weights: int8, one scale per output unit (``max |w| / 127`` over its row);
 * activations: int8, one scale per row (one token of one stream), computed on the fly;
-* the products are summed in int32 by ``torch._int_mm``: integers, so exact in
-  any order and any blocking, whatever the number of rows;
+* the products are summed exactly, so in any order and any blocking, whatever the number of rows:
+  in int32 by ``torch._int_mm`` where it is fast, else as integers held in float32 (or float64
+  for more than ``EXACT_FLOAT32_INPUTS`` inputs), whose sums are exact too (:class:`Int8Matrix`);
 * the rest is elementwise (scales, bias, the gates) or row by row (the log-softmax).
 
 Elementwise, PyTorch's CPU kernels compute a contiguous run in SIMD lanes and
@@ -56,6 +57,19 @@ from nextword.errors import NextwordError
 # Every row of an elementwise kernel is a whole number of SIMD iterations (2 x 16 float32 with AVX-512) and more.
 ROW_MULTIPLE = 64
 EMBED_BLOCK = 32  # weights of an embedding row that share a scale (embedding_blocks)
+# The most inputs whose products of two integers up to 127 sum exactly in float32: every partial sum stays below 2^24.
+EXACT_FLOAT32_INPUTS = 2**24 // 127**2
+
+
+def int8_products_fast() -> bool:
+    """Whether ``torch._int_mm`` has a fast kernel on this CPU.
+
+    Decided by the CPU capability PyTorch dispatches on: with AVX-512 it runs oneDNN's int8 kernels;
+    on an AVX2-only AMD EPYC (Zen 3) it ran about twenty times slower than a float32 product of the
+    same shape (docs/results.md), so there :class:`Int8Matrix` multiplies the same integers in
+    floating point.
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def _scales(amax: torch.Tensor) -> torch.Tensor:
@@ -105,31 +119,47 @@ def _round_embedding(model: nn.Module) -> nn.Module:
 class Int8Matrix(nn.Module):
     """``x @ weight.T + bias`` with int8 weights (a scale per output) and int8 rows of ``x`` (a scale per row).
 
-    A narrow matrix (``FLOAT_PRODUCTS`` inputs or fewer) keeps its int8 values in float32 and
-    multiplies in float32, which is faster there on one row: the sums of at most 128 products of
-    two integers up to 127 stay below 2^24, so every partial sum is exact in float32 too, and both
-    ways give the same numbers.
+    The integer products are summed exactly, in one of three ways that give the same numbers:
+
+    * ``int``: in int32 by ``torch._int_mm``, where :func:`int8_products_fast`;
+    * ``float32``: the int8 values held in float32 and multiplied in float32, for a narrow matrix
+      (``FLOAT_PRODUCTS`` inputs or fewer, faster there on one row), and elsewhere for up to
+      ``EXACT_FLOAT32_INPUTS`` inputs: the sums of that many products of two integers up to 127 stay
+      below 2^24, so every partial sum is an exact float32;
+    * ``float64``: the same in float64, for wider matrices where ``torch._int_mm`` is slow.
+
+    An exact integer sum converts to float32 the same way from int32 or from either float, so a
+    model folder serves the same suggestions on every CPU.
     """
 
     FLOAT_PRODUCTS = 128
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, products: str | None = None):
         super().__init__()
         weight = weight.detach().float()
         scale = _scales(weight.abs().amax(dim=1))
         q = torch.round(weight / scale[:, None])
-        self.float_products = weight.shape[1] <= self.FLOAT_PRODUCTS
+        inputs = weight.shape[1]
+        if products is None:
+            if inputs <= self.FLOAT_PRODUCTS or (not int8_products_fast() and inputs <= EXACT_FLOAT32_INPUTS):
+                products = "float32"
+            else:
+                products = "int" if int8_products_fast() else "float64"
+        if products not in ("int", "float32", "float64") or (products == "float32" and inputs > EXACT_FLOAT32_INPUTS):
+            raise ValueError(f"int8 products: {products!r} for {inputs} inputs")
+        self.products = products
         # [out, in]; _int_mm takes its transpose as it is
-        self.register_buffer("weight", q if self.float_products else q.to(torch.int8))
+        dtype = {"int": torch.int8, "float32": torch.float32, "float64": torch.float64}[products]
+        self.register_buffer("weight", q.to(dtype))
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, row_scale = quantize_rows(x)
-        if self.float_products:
-            out = torch.nn.functional.linear(q, self.weight)
-        else:
+        if self.products == "int":
             out = torch._int_mm(q.to(torch.int8), self.weight.t()).float()
+        else:
+            out = torch.nn.functional.linear(q.to(self.weight.dtype), self.weight).float()
         out.mul_(row_scale).mul_(self.scale)
         return out if self.bias is None else out.add_(self.bias)
 
