@@ -98,13 +98,28 @@ def test_stream_scoring_matches_the_history_api():
     stream = random_stream()
     model = KneserNey.fit(stream, 12, order=4)
     held_out = random_stream(60, seed=1)
-    batches = list(model.stream_log_probs(held_out, batch_size=7, dtype=np.float64))
-    log_probs = np.concatenate([lp for lp, _ in batches])
+    batches = list(model.stream_probs(held_out, batch_size=7, dtype=np.float64))
+    probs = np.concatenate([p for p, _ in batches])
     targets = np.concatenate([t for _, t in batches])
     assert (targets == held_out[1:]).all()
-    expected = np.log(model.next_probs([held_out[:t] for t in range(1, len(held_out))]))
-    assert log_probs == pytest.approx(expected, abs=1e-12)
-    assert np.exp(log_probs).sum(axis=1) == pytest.approx(np.ones(len(targets)), abs=1e-12)
+    expected = model.next_probs([held_out[:t] for t in range(1, len(held_out))])
+    assert probs == pytest.approx(expected, abs=1e-12)
+    assert probs.sum(axis=1) == pytest.approx(np.ones(len(targets)), abs=1e-12)
+
+
+def test_the_baseline_ranks_on_probabilities_as_it_would_on_their_logarithms():
+    vocab = toy_vocab(30)
+    stream = np.random.default_rng(5).integers(1, len(vocab), size=700)
+    model = KneserNey.fit(stream[:500], len(vocab), 3)
+    windows = cut_windows(stream[500:], 6)
+    reference = Scores(vocab)
+    for probs, targets in model.stream_probs(stream_from_windows(windows)):
+        reference.add(torch.from_numpy(np.log(probs)), torch.from_numpy(targets))
+    got, expected = evaluate_ngram(model, windows, vocab), reference.result()
+    assert got == pytest.approx(expected, rel=1e-12)
+    for key in ("top1", "top3", "word_tokens", "tokens"):
+        assert got[key] == expected[key], key
+    assert 0 < got["top1"] < got["top3"] < 1
 
 
 def test_stream_from_windows_round_trips():

@@ -161,8 +161,14 @@ def evaluate_ngram(model, windows: np.ndarray, vocab: Vocab) -> dict:
     Every non-PAD target of the windows is scored, with up to N - 1 ids of the
     split's stream before it as context (across window boundaries, like the
     LSTM's carried state).
+
+    The suggestions are ranked on the probabilities themselves: the same order as their logarithms, of
+    which only the targets' are taken (the logarithm of every entry was most of the baseline stage's time).
     """
     scores = Scores(vocab)
-    for log_probs, targets in model.stream_log_probs(stream_from_windows(windows)):
-        scores.add(torch.from_numpy(log_probs), torch.from_numpy(targets))
+    for probs, targets in model.stream_probs(stream_from_windows(windows)):
+        target_log_probs = np.log(probs[np.arange(len(targets)), targets])
+        ranked = torch.from_numpy(probs)
+        scores.add_blocks(torch.from_numpy(target_log_probs), torch.from_numpy(targets),
+                          lambda rows: [(0, ranked[rows])])
     return scores.result()

@@ -311,9 +311,9 @@ class KneserNey:
         probs.flags.writeable = False  # kept by _recent: a caller that changed it would change the next answer
         return probs
 
-    def stream_log_probs(self, stream: np.ndarray, batch_size: int = 1024,
-                         dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``([B, V] log-probabilities, [B] targets)`` for every id of a stream but the first, in batches.
+    def stream_probs(self, stream: np.ndarray, batch_size: int = 1024,
+                     dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``([B, V] probabilities, [B] targets)`` for every id of a stream but the first, in batches.
 
         Each target's context is the ids before it in the stream, up to N - 1 of them.
         """
@@ -324,5 +324,4 @@ class KneserNey:
         targets = s[1:]
         for lo in range(0, len(targets), batch_size):
             hi = min(lo + batch_size, len(targets))
-            probs = self._dense(hi - lo, [c[lo:hi] for c in contexts], dtype)
-            yield np.log(probs, out=probs), targets[lo:hi]
+            yield self._dense(hi - lo, [c[lo:hi] for c in contexts], dtype), targets[lo:hi]
