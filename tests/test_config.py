@@ -30,7 +30,7 @@ def with_value(key: str, value):
 def test_committed_params_are_valid_and_the_chat_preset():
     params = load_params(ROOT / "params.yaml")
     assert params.preset == "chat" and params.window.length == 15 and params.model.layers == 1
-    assert params.model.embedding == 256 and params.model.hidden == 512 and params.train.batch_size == 64
+    assert params.model.embedding == 256 and params.model.hidden == 448 and params.train.batch_size == 64
     assert params.seed == 7 and params.window.speaker_tags
 
 
@@ -78,6 +78,7 @@ def test_every_cell_is_accepted_and_the_transformer_needs_an_even_width_per_head
     for cell in ("lstm", "gru", "lnlstm", "transformer"):
         assert parse_params(with_value("model.cell", cell)).model.cell == cell
     raw = with_value("model.cell", "transformer")
+    raw["model"]["hidden"] = 512  # whatever the preset's width
     raw["model"]["heads"] = 5  # 512 / 5
     with pytest.raises(NextwordError, match=r"^params.yaml: model: .*hidden \(512\) split by heads \(5\)"):
         parse_params(raw)
