@@ -162,8 +162,8 @@ def evaluate_ngram(model, windows: np.ndarray, vocab: Vocab) -> dict:
     split's stream before it as context (across window boundaries, like the
     LSTM's carried state).
 
-    The suggestions are ranked on the probabilities themselves: the same order as their logarithms, of
-    which only the targets' are taken (the logarithm of every entry was most of the baseline stage's time).
+    The suggestions are ranked on the probabilities themselves, the same order as their logarithms, so
+    the logarithm is taken of the targets' probabilities only, not of every entry.
     """
     scores = Scores(vocab)
     for probs, targets in model.stream_probs(stream_from_windows(windows)):

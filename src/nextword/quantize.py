@@ -65,8 +65,8 @@ def int8_products_fast() -> bool:
     """Whether ``torch._int_mm`` has a fast kernel on this CPU.
 
     Decided by the CPU capability PyTorch dispatches on: with AVX-512 it runs oneDNN's int8 kernels;
-    on an AVX2-only AMD EPYC (Zen 3) it ran about twenty times slower than a float32 product of the
-    same shape (docs/results.md), so there :class:`Int8Matrix` multiplies the same integers in
+    on an AVX2-only AMD EPYC (Zen 3) it ran far slower than a float32 product of the same shape
+    (docs/results.md has the figures), so there :class:`Int8Matrix` multiplies the same integers in
     floating point.
     """
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
