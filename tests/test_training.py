@@ -17,10 +17,11 @@ import torch
 
 from conftest import TINY_CONVERSATION
 from conftest import model_config, train_params
+from nextword.errors import NextwordError
 from nextword.metrics import evaluate
 from nextword.model import LanguageModel
 from nextword.text import tokenize
-from nextword.training import train
+from nextword.training import cpu_runs_bf16, train
 from nextword.vocab import Vocab
 from nextword.windows import cut_windows, split_stream
 
@@ -171,10 +172,15 @@ def test_auto_precision_is_bf16_where_the_hardware_multiplies_bf16_and_pinned_ot
     from nextword import training
 
     monkeypatch.setattr(training, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(training, "cpu_runs_bf16", lambda: True)
     cpu = torch.device("cpu")
     assert training.autocast_dtype("auto", cpu) == (torch.bfloat16 if amx else None)
     assert training.autocast_dtype("fp32", cpu) is None
     assert training.autocast_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(training, "cpu_runs_bf16", lambda: False)  # an AVX2-only CPU
+    with pytest.raises(NextwordError, match=r"^train.precision: bf16 needs a CPU with AVX-512"):
+        training.autocast_dtype("bf16", cpu)
+    assert training.autocast_dtype("auto", cpu) == (torch.bfloat16 if amx else None)
 
 
 def test_amx_is_read_from_the_cpu_flags():
@@ -191,6 +197,10 @@ def test_amx_is_read_from_the_cpu_flags():
 def test_training_lowers_the_loss_on_cpu(tiny_data, precision):
     vocab, train_windows, val_windows = load(tiny_data)
     params = train_params(batch_size=8, epochs=3, lr=0.01, clip=1.0, device="auto", precision=precision)
+    if precision == "bf16" and not cpu_runs_bf16():  # this CPU refuses it, in one line
+        with pytest.raises(NextwordError, match=r"^train.precision: bf16 needs a CPU with AVX-512"):
+            train(small_model(len(vocab)), train_windows, val_windows, vocab, params, 8, seed=0)
+        return
     result = train(small_model(len(vocab)), train_windows, val_windows, vocab, params, 8, seed=0)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0] and result.history[-1]["val_loss"] < result.history[0]["val_loss"]

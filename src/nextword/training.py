@@ -123,7 +123,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_amx()
         return torch.bfloat16 if native else None
+    if precision == "bf16" and device.type == "cpu" and not cpu_runs_bf16():
+        raise NextwordError(f"train.precision: bf16 needs a CPU with AVX-512, this one has "
+                            f"{torch.backends.cpu.get_cpu_capability()} (oneDNN has no bf16 LSTM for it): "
+                            "set fp32 or auto")
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def cpu_runs_bf16() -> bool:
+    """Whether PyTorch's CPU kernels train in bf16 here: AVX-512 and up. Below it oneDNN cannot build a bf16
+    LSTM (on an AVX2-only AMD EPYC the first bf16 step failed), so ``bf16`` is refused there in one line."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 @functools.cache
