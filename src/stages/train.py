@@ -24,7 +24,8 @@ from nextword.files import write_text
 from nextword.model import LanguageModel
 from nextword.modeldir import save_trained
 from nextword.tokenizer import Tokenizer
-from nextword.training import finish_distributed, init_distributed, seed_everything, train
+from nextword.training import (autocast_dtype, finish_distributed, init_distributed, resolve_device, seed_everything,
+                               train)
 from nextword.vocab import Vocab
 
 
@@ -58,6 +59,8 @@ def main(args, params):
         relaunch_under_torchrun(params.train.processes)
         return
     rank = init_distributed(params.train.device)
+    # A precision this machine cannot train in is refused here, before the MLflow run is opened.
+    autocast_dtype(params.train.precision, resolve_device(params.train.device, int(os.environ.get("LOCAL_RANK", "0"))))
     if rank == 0:
         tracking.connect()  # an unreachable store fails here, not after training
     seed_everything(params.seed, params.train.threads)
