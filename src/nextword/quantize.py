@@ -141,10 +141,11 @@ class Int8Matrix(nn.Module):
         q = torch.round(weight / scale[:, None])
         inputs = weight.shape[1]
         if products is None:
-            if inputs <= self.FLOAT_PRODUCTS or (not int8_products_fast() and inputs <= EXACT_FLOAT32_INPUTS):
+            fast = int8_products_fast()
+            if inputs <= self.FLOAT_PRODUCTS or (not fast and inputs <= EXACT_FLOAT32_INPUTS):
                 products = "float32"
             else:
-                products = "int" if int8_products_fast() else "float64"
+                products = "int" if fast else "float64"
         if products not in ("int", "float32", "float64") or (products == "float32" and inputs > EXACT_FLOAT32_INPUTS):
             raise ValueError(f"int8 products: {products!r} for {inputs} inputs")
         self.products = products
