@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = load_params(ROOT / "params.yaml")
 # The engine with the project's default settings, without a banned-word list.
 ENGINE = DEFAULTS.engine.model_copy(update={"banned_words": None})
-# The engine as the LSTM alone: no n-gram, no cache, rejected words shown again, float32.
+# The engine as the LSTM alone: no n-gram, no cache, no conversation's words outside the vocabulary ranked,
+# rejected words shown again, float32.
 PLAIN = ENGINE.model_copy(update={"ngram_weight": 0, "cache_weight": 0, "cache_bigram_weight": 0,
-                                  "skip_rejected": False, "int8": False})
+                                  "unknown_weight": 0, "skip_rejected": False, "int8": False})
 
 
 def model_config(vocab_size: int, **shape) -> ModelConfig:

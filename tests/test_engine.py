@@ -227,6 +227,15 @@ def test_a_folder_written_before_the_transformer_existed_still_loads(tiny_model_
     np.testing.assert_array_equal(session.log_probs, again.log_probs)
 
 
+def test_a_folder_bundled_before_unknown_weight_existed_is_served_as_it_was_evaluated(tiny_model_dir, tmp_path):
+    old = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, old)
+    options = json.loads((old / "engine.json").read_text())
+    assert options.pop("unknown_weight") > 0
+    (old / "engine.json").write_text(json.dumps(options))
+    assert Engine.load(old).options == Engine.load(tiny_model_dir).options.model_copy(update={"unknown_weight": 0.0})
+
+
 class Smuggled:
     """Anything but a tensor: weights_only loading must refuse to unpickle it."""
 
@@ -340,6 +349,42 @@ def test_free_slots_show_words_outside_the_vocabulary_the_conversations_own_firs
     plain.add_message("user", "zorro saw zest , zorro !")
     plain.start_message("agent")
     assert [s.word for s in plain.suggest("z")] == ["zeal", "zebra"]
+
+
+def test_the_conversations_words_outside_the_vocabulary_rank_among_its_words_by_their_share_of_unk(fixed_engine):
+    # <UNK> is likely here; unknown_weight of its probability goes to the conversation's own words outside the
+    # vocabulary, in proportion to how often it committed each: zorro 2, saw 1, zest 1.
+    logits = WORDS | {"<UNK>": 4.5}
+    ranking = PLAIN.model_copy(update={"unknown_weight": 0.5})
+    engine = fixed_engine(logits, special_logit=-20.0, options=ranking, rare=["zeal"])
+    session = engine.session()
+    session.add_message("user", "zorro saw zest , zorro !")
+    session.start_message("agent")
+    unk = session.log_probs[engine.vocab.id("<UNK>")]
+    shares = {"zorro": 0.5 * 2 / 4, "saw": 0.5 / 4, "zest": 0.5 / 4}
+    assert engine.unknown_log_probs(session.log_probs, session._unknown) == pytest.approx(
+        {w: unk + np.log(share) for w, share in shares.items()})
+    # Before the first letter zorro (4.5 + log 1/4, about 3.11) ranks between "they" (4) and "then" (3).
+    strip = session.suggest("")
+    assert [s.word for s in strip] == ["the", "they", "zorro"]
+    # Each probability is the word's given what was typed, over the vocabulary's words and these.
+    total = sum(np.exp(v) for v in WORDS.values()) + np.exp(4.5) * 0.5
+    np.testing.assert_allclose([s.probability for s in strip],
+                               np.array([np.exp(5.0), np.exp(4.0), np.exp(4.5) * 0.25]) / total, rtol=1e-5)
+    # After "z" the conversation's z-words rank by their counts, then the dictionary fills the free slot.
+    assert [(s.word, round(s.probability, 6)) for s in session.suggest("z")] == [
+        ("zorro", round(2 / 3, 6)), ("zest", round(1 / 3, 6)), ("zeal", 0.0)]
+    # The typing strip leaves out the word the letters spell, and with skip_rejected the words passed over.
+    assert [s.word for s in session.suggest("zorro", typing=True)] == []
+    assert [s.word for s in session.suggest("z", typing=True, skip_rejected=True)] == ["zest", "zeal"]
+    assert [s.word for s in session.suggest("t", typing=True)] == ["the", "they", "then"]  # none start with t
+    # With the weight at 0 they only fill free slots, most committed first, with probability 0.
+    filled = fixed_engine(logits, special_logit=-20.0, options=PLAIN.model_copy(update={"cache_weight": 0.05}),
+                          rare=["zeal"]).session()
+    filled.add_message("user", "zorro saw zest , zorro !")
+    filled.start_message("agent")
+    assert [s.word for s in filled.suggest("")] == ["the", "they", "then"]
+    assert [(s.word, s.probability) for s in filled.suggest("z")] == [("zorro", 0.0), ("zest", 0.0), ("zeal", 0.0)]
 
 
 def test_the_cache_mixes_in_the_words_of_this_conversation(fixed_engine):

@@ -5,6 +5,7 @@ import pytest
 
 from nextword.engine import Engine
 from nextword.keystrokes import conversations_from_table, simulate, simulate_batched, simulate_mixes, word_cost
+from nextword.vocab import UNK_ID
 
 # A model whose next-word distribution is always softmax of these logits, so the three
 # suggestions after any prefix can be read off this table: the most probable words that
@@ -133,9 +134,9 @@ BATCH_CONVERSATIONS = [
 RARE = ["zeal", "tea", "zebra", "zone", "tomorrow"]
 
 
-@pytest.fixture(scope="module")
-def batch_engine_dir(tmp_path_factory):
-    """A two-layer int8 LSTM (untrained: exactness needs no skill) with an n-gram, and the default engine settings."""
+def save_batch_engine(folder, unknown_logit: float | None = None):
+    """A two-layer int8 LSTM (untrained: exactness needs no skill) with an n-gram, and the default engine settings,
+    saved at ``folder``; ``unknown_logit`` adds to the output bias of ``<UNK>``."""
     import torch
 
     from conftest import ENGINE, model_config, save_servable
@@ -150,11 +151,24 @@ def batch_engine_dir(tmp_path_factory):
     vocab.rare = RARE
     torch.manual_seed(0)
     model = LanguageModel(model_config(len(vocab), embedding=32, hidden=64, layers=2)).eval()
+    if unknown_logit is not None:
+        with torch.no_grad():
+            model.decoder.bias[UNK_ID] += unknown_logit
     stream = split_stream(tokenized, vocab, speaker_tags=True)
-    folder = tmp_path_factory.mktemp("batch") / "model"
     save_servable(folder, model, vocab, {"speaker_tags": True, "window_length": 8}, ENGINE,
                   KneserNey.fit(stream, len(vocab), ENGINE.ngram_order))
     return folder
+
+
+@pytest.fixture(scope="module")
+def batch_engine_dir(tmp_path_factory):
+    return save_batch_engine(tmp_path_factory.mktemp("batch") / "model")
+
+
+@pytest.fixture(scope="module")
+def unknown_engine_dir(tmp_path_factory):
+    """The batch engine with ``<UNK>`` likely: the conversation's words outside the vocabulary outrank its words."""
+    return save_batch_engine(tmp_path_factory.mktemp("unknown") / "model", unknown_logit=4.0)
 
 
 @pytest.mark.parametrize("skip_rejected", [False, True])
@@ -183,6 +197,25 @@ def test_batched_simulation_counts_exactly_what_one_stream_counts(batch_engine_d
     own = simulate(engine, BATCH_CONVERSATIONS, vocabulary=engine.vocab.index).savings()
     assert (own.oov_words, own.oov_completed) == (10, 7)
     assert simulate_batched(engine, BATCH_CONVERSATIONS, batch_size=2, vocabulary=engine.vocab.index) == own
+
+
+@pytest.mark.parametrize("skip_rejected", [False, True])
+def test_the_conversations_words_outside_the_vocabulary_rank_the_same_way_batched(unknown_engine_dir, skip_rejected):
+    # Ranked among the vocabulary's words (Engine.ranked), they push some of them down a strip: the batched
+    # scorer works those strips out one by one, as the session shows them.
+    def engine(weight):
+        return Engine.load(unknown_engine_dir, overrides={"skip_rejected": skip_rejected, "unknown_weight": weight},
+                           exact_batches=True)
+
+    ranked, filled = engine(1.0), engine(0.0)
+    assert ranked.batch_invariant
+    one = simulate(ranked, BATCH_CONVERSATIONS, vocabulary=ranked.vocab.index).savings()
+    only_filled = simulate(filled, BATCH_CONVERSATIONS, vocabulary=filled.vocab.index).savings()
+    assert one.keystrokes != only_filled.keystrokes  # the ranking changes what the strips show
+    for batch_size in (2, 16):
+        assert simulate_batched(ranked, BATCH_CONVERSATIONS, batch_size=batch_size,
+                                vocabulary=ranked.vocab.index) == one
+    assert simulate_batched(filled, BATCH_CONVERSATIONS, vocabulary=filled.vocab.index) == only_filled
 
 
 MIXES = [{"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0}, {"cache_weight": 0.0}, {},

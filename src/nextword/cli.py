@@ -55,6 +55,7 @@ ENGINE_FLAGS = {
     "ngram_weight": "ngram_weight",
     "cache_weight": "cache_weight",
     "cache_bigram_weight": "cache_bigram_weight",
+    "unknown_weight": "unknown_weight",
     "banned": "banned_words",
     "k": "suggestions",
     "backend": "backend",
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         engine.add_argument("--cache-weight", type=weight, metavar="W", help="weight of the conversation's word cache")
         engine.add_argument("--cache-bigram-weight", type=weight, metavar="W",
                             help="weight of the words that followed the last word earlier in the conversation")
+        engine.add_argument("--unknown-weight", type=ngram_weight, metavar="W",
+                            help="share of the <UNK> probability that ranks the conversation's own words outside "
+                                 "the vocabulary among the others (0: they only fill free slots)")
         shown = engine.add_mutually_exclusive_group()
         shown.add_argument("--show-rejected", dest="show_rejected", action="store_true", default=None,
                            help="while typing (chat, evaluate, serve), show again the words already shown for this word")

@@ -177,6 +177,10 @@ class EngineParams(_Section):
     # words that followed the last token earlier in it, as a bigram, with cache_bigram_weight.
     cache_weight: float = Field(ge=0, lt=1)
     cache_bigram_weight: float = Field(ge=0, lt=1)
+    # The conversation's own words outside the vocabulary (a name typed earlier) are ranked in the strip
+    # with the vocabulary's words, each given this share of the model's <UNK> probability in proportion
+    # to how often the conversation committed it (0: they only fill the strip's free slots).
+    unknown_weight: float = Field(ge=0, le=1)
     suggestions: int = Field(ge=1, le=10)  # how many words the strip shows (the CLI's -k, the API's k)
     # While a word is typed, leave out the words the strip showed for it at a shorter prefix. Off by
     # default: it assumes a person who reads the strip after every letter, and so can hide the likeliest

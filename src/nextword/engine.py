@@ -28,14 +28,16 @@ And while a word is typed, a word the strip already showed for it at a
 shorter prefix is not shown again (``skip_rejected``): the person saw it and
 typed on, so it is not the word, and its slot goes to the next candidate.
 
-Words outside the vocabulary, which the model reads as ``<UNK>``, fill the
-slots that no vocabulary word starting with the typed letters takes, as a
-phone keyboard's dictionary and its learned words do (:meth:`Engine.fill`):
-first the words of this conversation so far (kept with the cache: a name
-typed once is offered the next time), then the train split's words that
-``vocab.min_freq`` left out (``vocab.rare``). They never push a vocabulary
-word out of the strip, and their probability is shown as 0: the model gives
-them none of their own.
+Words outside the vocabulary, which the model reads as ``<UNK>``, reach the
+strip in two ways, as a phone keyboard's learned words and its dictionary do.
+The conversation's own (kept with the cache: a name typed once) are ranked
+with the vocabulary's words: each gets ``unknown_weight`` of the next token's
+``<UNK>`` probability, in proportion to how often the conversation committed
+it (:meth:`Engine.unknown_log_probs`), so a name the model expects no more than
+the words it knows stays below them. Then the slots that no word starting with
+the typed letters takes are filled (:meth:`Engine.fill`) with the train split's
+words that ``vocab.min_freq`` left out (``vocab.rare``), shown with probability
+0: the model gives them none of their own.
 
 Fill-in-the-middle: with the cursor inside a message, ``suggest(right=...)``
 takes the text after the cursor into account. The ``FIM_CANDIDATES`` best
@@ -77,7 +79,7 @@ from nextword.ngram import KneserNey
 from nextword.quantize import fused_int8, quantize_int8
 from nextword.text import PUNCTUATION, is_word, tokenize
 from nextword.tokenizer import WORD
-from nextword.vocab import EOS, SPEAKER_TAG
+from nextword.vocab import EOS, SPEAKER_TAG, UNK_ID
 from nextword.windows import MESSAGE_END, message_head
 
 # Fill-in-the-middle (suggest with ``right``): how many of the left context's best words are rescored with
@@ -86,7 +88,7 @@ from nextword.windows import MESSAGE_END, message_head
 FIM_CANDIDATES = 32
 FIM_RIGHT_TOKENS = 4
 # The engine settings that weigh what is mixed into the model's next-token distribution (see Engine.remixed).
-MIX_WEIGHTS = ("ngram_weight", "cache_weight", "cache_bigram_weight")
+MIX_WEIGHTS = ("ngram_weight", "cache_weight", "cache_bigram_weight", "unknown_weight")
 # best(): how far below the highest score (in log-probability) the candidates for the top are looked for, in turn.
 CANDIDATE_GAPS = (4.0, 12.0)
 
@@ -200,7 +202,7 @@ class Engine:
         self.history = self.ngram.order - 1 if self.ngram is not None else 0
 
     def remixed(self, **weights: float) -> "Engine":
-        """This engine with other mixing weights (``ngram_weight``, ``cache_weight``, ``cache_bigram_weight``).
+        """This engine with other mixing weights (:data:`MIX_WEIGHTS`).
 
         A shallow copy: it shares the model step, the vocabulary and the n-gram loaded with this one,
         so its suggestions are those of the model folder loaded with these weights.
@@ -222,8 +224,10 @@ class Engine:
 
     @property
     def caching(self) -> bool:
-        """Whether sessions keep a cache of their conversation (either cache weight is set)."""
-        return bool(self.options.cache_weight or self.options.cache_bigram_weight)
+        """Whether sessions keep a cache of their conversation: its words, and those outside the vocabulary
+        (a cache weight or ``unknown_weight`` is set)."""
+        options = self.options
+        return bool(options.cache_weight or options.cache_bigram_weight or options.unknown_weight)
 
     def mix(self, log_probs: np.ndarray, history: tuple[int, ...], cache: "_Cache | None") -> np.ndarray:
         """The LSTM's next-token log-probs mixed with the n-gram after ``history`` and the conversation ``cache``."""
@@ -350,6 +354,53 @@ class Engine:
             lo += 1
         return lo, hi
 
+    def unknown_log_probs(self, log_probs: np.ndarray, unknown: dict[str, int]) -> dict[str, float]:
+        """The log-probability of each of the conversation's words outside the vocabulary (``unknown``: word ->
+        times committed) in the next-token distribution ``log_probs``: ``unknown_weight`` of its ``<UNK>``
+        probability, shared in proportion to the counts. Empty when the weight is 0 or ``<UNK>`` has none."""
+        weight, unk = self.options.unknown_weight, float(log_probs[UNK_ID])
+        if not unknown or not weight or unk == -math.inf:
+            return {}
+        base = unk + math.log(weight / sum(unknown.values()))
+        return {word: base + math.log(count) for word, count in unknown.items()}
+
+    def ranked(self, log_probs: np.ndarray, prefix: str, k: int, rejected, unknown: dict[str, float],
+               suggestable: np.ndarray | None = None) -> list[tuple[str, float]]:
+        """The best ``k`` words that start with ``prefix``, not in ``rejected``, best first, each with its
+        log-probability in ``log_probs``: the vocabulary's, and the conversation's own outside it
+        (``unknown``, from :meth:`unknown_log_probs`).
+
+        Ties go to the vocabulary's word, then to the more frequent one (the lower id; for the words
+        outside it, the one committed more often, then the first alphabetically). ``suggestable`` is
+        ``log_probs`` with the tokens never suggested at -inf, when the caller has it (before the first letter).
+        """
+        if prefix:  # the words that start with it: a slice of the sorted words
+            lo, hi = self.prefix_range(prefix)
+            ids = self.sorted_ids[lo:hi]
+            scores, words, count = log_probs[ids], self.sorted_words, hi - lo
+        else:  # every suggestable word: the distribution itself, the others at -inf, in the order of the ids
+            if suggestable is None:
+                suggestable = log_probs.copy()
+                suggestable[self.blocked_ids] = -np.inf
+            lo, scores, ids, words = 0, suggestable, self.vocab_ids, self.vocab.tokens
+            count = len(self.sorted_ids)
+        want = min(k + len(rejected), count)
+        found = [(words[lo + i], float(scores[i])) for i in best(scores, ids, want)] if want > 0 else []
+        found = [(word, score) for word, score in found if word not in rejected][:k]
+        others = sorted(((score, word) for word, score in unknown.items()
+                         if word.startswith(prefix) and word not in rejected), key=lambda x: (-x[0], x[1]))[:k]
+        if not others:
+            return found
+        # Merged: the vocabulary's words first among equal scores (a stable sort keeps their order).
+        return sorted(found + [(word, score) for score, word in others], key=lambda x: -x[1])[:k]
+
+    def strip(self, log_probs: np.ndarray, prefix: str, k: int, rejected, unknown: dict[str, int],
+              suggestable: np.ndarray | None = None) -> list[str]:
+        """The words of the strip after ``prefix`` (:meth:`ranked`, then :meth:`fill`), as a session shows them."""
+        words = [w for w, _ in self.ranked(log_probs, prefix, k, rejected,
+                                           self.unknown_log_probs(log_probs, unknown), suggestable)]
+        return words + self.fill(prefix, k - len(words), unknown, rejected | set(words))
+
     def fills(self, token: str) -> bool:
         """Whether ``token``, outside the vocabulary, may fill the strip: a word, and not a banned one."""
         return is_word(token) and token not in self.banned and token not in self.vocab.index
@@ -357,11 +408,10 @@ class Engine:
     def fill(self, prefix: str, free: int, unknown: dict[str, int], rejected=frozenset()) -> list[str]:
         """Up to ``free`` words outside the vocabulary that start with ``prefix``, for the strip's free slots.
 
-        The model gives such a word no probability of its own (it reads every one as ``<UNK>``), so
-        these only take the slots that no vocabulary word starting with ``prefix`` takes: first the
-        conversation's own (``unknown``, word -> times committed), the most committed first, then the
-        dictionary's (the train split's words below ``vocab.min_freq``), the most frequent first;
-        ties alphabetical. Words in ``rejected`` are left out.
+        These take the slots that no word :meth:`ranked` ranks takes: first the conversation's own
+        (``unknown``, word -> times committed; with ``unknown_weight`` 0, which ranks none of them),
+        the most committed first, then the dictionary's (the train split's words below
+        ``vocab.min_freq``), the most frequent first; ties alphabetical. Words in ``rejected`` are left out.
         """
         if free <= 0:
             return []
@@ -666,35 +716,34 @@ class Session:
         return [Suggestion(candidates[i].word, float(posterior[i])) for i in order]
 
     def _top(self, dist: _Distribution, prefix: str, k: int, rejected) -> list[Suggestion]:
-        """The strip: the best ``k`` vocabulary words that start with ``prefix``, not in ``rejected``; free
-        slots go to words outside the vocabulary (:meth:`Engine.fill`), whose probability is 0."""
+        """The strip: the best ``k`` words that start with ``prefix``, not in ``rejected`` (:meth:`_ranked`);
+        free slots go to the dictionary's words outside the vocabulary (:meth:`Engine.fill`), whose probability is 0."""
         top = self._ranked(dist, prefix, k, rejected)
         if len(top) < k:
-            top += [Suggestion(w, 0.0) for w in self.engine.fill(prefix, k - len(top), self._unknown, rejected)]
+            shown = set(rejected) | {s.word for s in top}
+            top += [Suggestion(w, 0.0) for w in self.engine.fill(prefix, k - len(top), self._unknown, shown)]
         return top
 
     def _ranked(self, dist: _Distribution, prefix: str, k: int, rejected) -> list[Suggestion]:
-        """The best ``k`` vocabulary words that start with ``prefix``, not in ``rejected``, with their
-        probabilities given ``prefix``."""
+        """The best ``k`` words that start with ``prefix``, not in ``rejected`` (:meth:`Engine.ranked`), with their
+        probabilities given ``prefix``: over the vocabulary's words and the conversation's own that start with it."""
         engine = self.engine
-        if prefix:  # the words that start with it: a slice of the sorted words
-            lo, hi = engine.prefix_range(prefix)
-            ids = engine.sorted_ids[lo:hi]
-            scores, words, count = dist.log_probs[ids], engine.sorted_words, hi - lo
-        else:  # every suggestable word: the distribution itself, the others at -inf, in the order of the ids
-            lo, scores, ids, words = 0, dist.suggestable, engine.vocab_ids, engine.vocab.tokens
-            count = len(engine.sorted_ids)
-        want = min(k + len(rejected), count)
-        if want <= 0:
+        unknown = engine.unknown_log_probs(dist.log_probs, self._unknown)
+        found = engine.ranked(dist.log_probs, prefix, k, rejected, unknown, dist.suggestable)
+        if not found:
             return []
-        top = best(scores, ids, want)
         log_total = dist.log_total
         if prefix:  # the probability given the letters typed: over the words that start with them
-            wide = scores.astype(np.float64)
-            peak = wide.max()
-            log_total = float(peak + np.log(np.exp(wide - peak).sum()))
-        return [Suggestion(words[lo + i], math.exp(float(scores[i]) - log_total))
-                for i in top if words[lo + i] not in rejected][:k]
+            lo, hi = engine.prefix_range(prefix)
+            wide = dist.log_probs[engine.sorted_ids[lo:hi]].astype(np.float64)
+            log_total = -math.inf
+            if len(wide):
+                peak = wide.max()
+                log_total = float(peak + np.log(np.exp(wide - peak).sum()))
+        others = [score for word, score in unknown.items() if word.startswith(prefix)]
+        if others:
+            log_total = float(np.logaddexp.reduce([log_total, *others]))
+        return [Suggestion(word, math.exp(score - log_total)) for word, score in found]
 
     def complete(self, strategy: str = "greedy", max_words: int = 20, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, beam_size: int = 4, seed: int = 0,

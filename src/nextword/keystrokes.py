@@ -433,12 +433,22 @@ class _Scorer:
         return found
 
     def score(self, log_probs: np.ndarray, words: list[str], tally: _Tally, unknowns: list[dict]) -> None:
-        k, ids = self.k, self.engine.sorted_ids
+        engine, k, ids = self.engine, self.k, self.engine.sorted_ids
+        unknowns = unknowns if engine.caching else [{}] * len(words)
         places = [self.word(w) for w in words]
-        rows = [row for row, (at, _) in enumerate(places) if at >= 0]
+        rows = []
         for row, word in enumerate(words):
-            if places[row][0] < 0:  # out of the vocabulary, or never suggested: only a free slot may show it
-                self._fill_costs(word, places[row][1], log_probs[row], unknowns[row], tally)
+            at, ranges = places[row]
+            if at < 0:  # out of the vocabulary, or never suggested: only the conversation's words or a free slot
+                self._strip_costs(word, at, log_probs[row], unknowns[row], tally)
+                continue
+            unknown = engine.unknown_log_probs(log_probs[row], unknowns[row])
+            if unknown and max(unknown.values()) > log_probs[row, ids[at]]:
+                # A word outside the vocabulary ranks above this one: the strips are worked out one by one.
+                # (One that does not is in no strip before this word is shown, nor in its place then.)
+                self._strip_costs(word, at, log_probs[row], unknowns[row], tally)
+            else:
+                rows.append(row)
         if not rows:
             return
         at = np.array([places[row][0] for row in rows])
@@ -465,33 +475,30 @@ class _Scorer:
             skipped = self._skip_cost(scores[i], ranks, ranges, len(word) + 1, last.get(i))
             tally.word(word, shown, skipped, ranks[0] == 0, ranks[0] < k)
 
-    def _fill_costs(self, word: str, ranges, log_probs: np.ndarray, unknown: dict, tally: _Tally) -> None:
-        """Tally a word that no vocabulary word's place shows: one outside the vocabulary (Engine.fill),
-        or one never suggested, typed in full.
-
-        The vocabulary's words come first in a strip, so with words passed over shown again the word is
-        shown after a prefix that fewer than ``k`` of them start with, if it is among the free slots' words;
-        with ``skip_rejected`` the strips are worked out one after another, as the session does.
-        """
-        engine, k, ids, without = self.engine, self.k, self.engine.sorted_ids, len(word) + 1
-        unknown = unknown if engine.caching else {}
-        if not engine.fills(word) or not (engine.rare or unknown):
+    def _strip_costs(self, word: str, at: int, log_probs: np.ndarray, unknown: dict, tally: _Tally) -> None:
+        """Tally a word from the strips a session shows (:meth:`Engine.strip`), worked out one after another:
+        a word outside the vocabulary (``at`` -1), one never suggested (typed in full), or one that the
+        conversation's words outside the vocabulary may outrank."""
+        engine, k, without = self.engine, self.k, len(word) + 1
+        if at < 0 and (not engine.fills(word) or not (engine.rare or unknown)):
             tally.word(word, without, without, False, False)
             return
-        shown = next((i + 1 for i, (lo, hi) in enumerate(ranges)
-                      if word in engine.fill(word[:i], k - (hi - lo), unknown, typed_word(word[:i]))), without)
-        skipped, first, rejected = without, [], set()
-        for i, (lo, hi) in enumerate(ranges):
-            scores = log_probs[ids[lo:hi]]
-            top = lo + best(scores, ids[lo:hi], min(k + len(rejected), hi - lo)) if hi > lo else []
-            strip = [w for w in (engine.sorted_words[place] for place in top) if w not in rejected][:k]
-            strip += engine.fill(word[:i], k - len(strip), unknown, rejected | typed_word(word[:i]))
+        shown, skipped, first, rejected = without, without, [], set()
+        for i in range(len(word)):
+            typed = typed_word(word[:i])
+            strip = engine.strip(log_probs, word[:i], k, typed, unknown) if shown == without else []
             if i == 0:  # nothing is passed over yet: the strip of the word's start either way
                 first = strip
             if word in strip:
-                skipped = i + 1
+                shown = i + 1
+            if skipped == without:
+                if i:
+                    strip = engine.strip(log_probs, word[:i], k, rejected | typed, unknown)
+                if word in strip:
+                    skipped = i + 1
+                rejected.update(strip)
+            if shown < without and skipped < without:
                 break
-            rejected.update(strip)
         tally.word(word, shown, skipped, first[:1] == [word], word in first[:k])
 
     def _skip_cost(self, scores: np.ndarray, ranks: list[int], ranges, without: int, last: float | None) -> int:

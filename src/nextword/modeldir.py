@@ -151,7 +151,9 @@ def read_engine_options(path) -> EngineParams:
         raise NextwordError(f"{path}: no {ENGINE}, so not a servable model folder (the pipeline's bundle stage "
                             "writes one); run the pipeline or pass --model")
     try:
-        options = EngineParams.model_validate(read_json(path / ENGINE))
+        # A folder bundled before engine.unknown_weight existed was evaluated ranking no word outside the
+        # vocabulary: it is served that way.
+        options = EngineParams.model_validate({"unknown_weight": 0.0} | read_json(path / ENGINE))
     except LOAD_ERRORS as err:
         raise damaged(path / ENGINE, err) from None
     if options.banned_words:

@@ -48,10 +48,11 @@ from nextword.windows import table_word_targets
 
 # The engine's parts in the order they are added to the LSTM: (label, the settings still off).
 ENGINE_PARTS = (
-    ("LSTM", {"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0}),
-    ("+ n-gram", {"cache_weight": 0.0, "cache_bigram_weight": 0.0}),
-    ("+ word cache", {"cache_bigram_weight": 0.0}),
-    ("+ bigram cache", {}),
+    ("LSTM", {"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0, "unknown_weight": 0.0}),
+    ("+ n-gram", {"cache_weight": 0.0, "cache_bigram_weight": 0.0, "unknown_weight": 0.0}),
+    ("+ word cache", {"cache_bigram_weight": 0.0, "unknown_weight": 0.0}),
+    ("+ bigram cache", {"unknown_weight": 0.0}),
+    ("+ its words outside the vocabulary", {}),
 )
 
 
