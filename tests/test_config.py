@@ -30,7 +30,7 @@ def with_value(key: str, value):
 def test_committed_params_are_valid_and_the_chat_preset():
     params = load_params(ROOT / "params.yaml")
     assert params.preset == "chat" and params.window.length == 15 and params.model.layers == 1
-    assert params.model.embedding == 256 and params.model.hidden == 448 and params.train.batch_size == 64
+    assert params.model.embedding == 256 and params.model.hidden == 512 and params.train.batch_size == 64
     assert params.seed == 7 and params.window.speaker_tags
 
 
