@@ -15,8 +15,9 @@ are comparable with other engines:
   is among them the word costs ``i + 1`` keystrokes (``i`` characters and one
   to accept, which also inserts the space); if it never appears it costs
   ``len(w) + 1``, as it does without prediction. A word outside the
-  vocabulary appears only in a slot that no vocabulary word takes (see
-  :meth:`nextword.engine.Engine.fill`).
+  vocabulary is ranked with the vocabulary's words once the conversation
+  committed it (:meth:`nextword.engine.Engine.ranked`), and otherwise appears
+  only in a slot that no other word takes (:meth:`nextword.engine.Engine.fill`).
   The engine is asked as the strip of someone typing (``typing=True``), with
   its own ``skip_rejected`` setting. That strip never offers the word the
   letters typed already spell (:func:`nextword.engine.typed_word`): accepting
@@ -38,8 +39,9 @@ once: their committed tokens run through the model in one batched step, the
 n-gram and cache are mixed in for the whole batch, and a word's cost is read
 from its rank among the words that start with each prefix (with
 ``skip_rejected``, less the words shown at shorter prefixes), not from one
-strip after another (a word outside the vocabulary: from the number of
-vocabulary words that start with each prefix, and the free slots' words).
+strip after another (except for a word outside the vocabulary, and for one
+that the conversation's own words outside it outrank: their strips are
+worked out one by one, as the session shows them).
 It gives exactly the counts :func:`simulate` gives, which asks the engine's
 sessions as a person would, because every row of the
 batched step is bit for bit the step of that stream alone: that holds for the
