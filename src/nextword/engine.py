@@ -354,6 +354,16 @@ class Engine:
             lo += 1
         return lo, hi
 
+    def suggestable(self, log_probs: np.ndarray) -> np.ndarray:
+        """``log_probs`` with the tokens never suggested at -inf, ranked by :func:`best` before the first letter.
+
+        A word can have probability 0 (-inf): it is raised to the lowest finite number, so the blocked
+        tokens stay below every word, as the top k takes them.
+        """
+        suggestable = np.maximum(log_probs, np.finfo(log_probs.dtype).min)
+        suggestable[self.blocked_ids] = -np.inf
+        return suggestable
+
     def unknown_log_probs(self, log_probs: np.ndarray, unknown: dict[str, int]) -> dict[str, float]:
         """The log-probability of each of the conversation's words outside the vocabulary (``unknown``: word ->
         times committed) in the next-token distribution ``log_probs``: ``unknown_weight`` of its ``<UNK>``
@@ -380,8 +390,7 @@ class Engine:
             scores, words, count = log_probs[ids], self.sorted_words, hi - lo
         else:  # every suggestable word: the distribution itself, the others at -inf, in the order of the ids
             if suggestable is None:
-                suggestable = log_probs.copy()
-                suggestable[self.blocked_ids] = -np.inf
+                suggestable = self.suggestable(log_probs)
             lo, scores, ids, words = 0, suggestable, self.vocab_ids, self.vocab.tokens
             count = len(self.sorted_ids)
         want = min(k + len(rejected), count)
@@ -638,10 +647,7 @@ class Session:
         dist = self._dist
         if dist.suggestable is None:
             engine = self.engine
-            # A word can have probability 0 (-inf): it is raised to the lowest finite number, so the
-            # blocked tokens stay below every word, as the top k takes them.
-            suggestable = np.maximum(dist.log_probs, np.finfo(dist.log_probs.dtype).min)
-            suggestable[engine.blocked_ids] = -np.inf
+            suggestable = engine.suggestable(dist.log_probs)
             # The suggestable mass is 1 minus the few blocked tokens' mass: O(blocked), not O(vocabulary),
             # unless nearly all the mass is blocked (after a finished sentence) and 1 - x loses precision.
             blocked_mass = float(np.exp(dist.log_probs[engine.blocked_ids].astype(np.float64)).sum())
