@@ -666,7 +666,9 @@ class Session:
 
         A probability is that of the word given what was typed: renormalised
         over the suggestable words (no specials, punctuation or banned words)
-        that start with ``prefix``. Ties go to the more frequent word.
+        that start with ``prefix``, the conversation's own words outside the
+        vocabulary among them (:meth:`Engine.unknown_log_probs`). Ties go to
+        the more frequent word.
 
         ``typing`` asks for the suggestion strip of someone typing the word
         letter by letter, who saw the strip at every shorter prefix. It leaves
