@@ -404,10 +404,10 @@ class Engine:
         return sorted(found + [(word, score) for score, word in others], key=lambda x: -x[1])[:k]
 
     def strip(self, log_probs: np.ndarray, prefix: str, k: int, rejected, unknown: dict[str, int],
-              suggestable: np.ndarray | None = None) -> list[str]:
-        """The words of the strip after ``prefix`` (:meth:`ranked`, then :meth:`fill`), as a session shows them."""
-        words = [w for w, _ in self.ranked(log_probs, prefix, k, rejected,
-                                           self.unknown_log_probs(log_probs, unknown), suggestable)]
+              unknown_scores: dict[str, float]) -> list[str]:
+        """The words of the strip after ``prefix`` (:meth:`ranked`, then :meth:`fill`), as a session shows them;
+        ``unknown_scores`` is :meth:`unknown_log_probs` of ``unknown`` (word -> times committed)."""
+        words = [w for w, _ in self.ranked(log_probs, prefix, k, rejected, unknown_scores)]
         return words + self.fill(prefix, k - len(words), unknown, rejected | set(words))
 
     def fills(self, token: str) -> bool:

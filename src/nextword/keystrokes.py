@@ -440,15 +440,13 @@ class _Scorer:
         places = [self.word(w) for w in words]
         rows = []
         for row, word in enumerate(words):
-            at, ranges = places[row]
-            if at < 0:  # out of the vocabulary, or never suggested: only the conversation's words or a free slot
-                self._strip_costs(word, at, log_probs[row], unknowns[row], tally)
-                continue
+            at = places[row][0]
             unknown = engine.unknown_log_probs(log_probs[row], unknowns[row])
-            if unknown and max(unknown.values()) > log_probs[row, ids[at]]:
-                # A word outside the vocabulary ranks above this one: the strips are worked out one by one.
-                # (One that does not is in no strip before this word is shown, nor in its place then.)
-                self._strip_costs(word, at, log_probs[row], unknowns[row], tally)
+            # Out of the vocabulary or never suggested (only the conversation's words or a free slot show it),
+            # or outranked by a word outside the vocabulary: the strips are worked out one by one. (A word
+            # outside it that ranks below this one is in no strip before this word is shown, nor in its place.)
+            if at < 0 or (unknown and max(unknown.values()) > log_probs[row, ids[at]]):
+                self._strip_costs(word, at, log_probs[row], unknowns[row], unknown, tally)
             else:
                 rows.append(row)
         if not rows:
@@ -477,10 +475,11 @@ class _Scorer:
             skipped = self._skip_cost(scores[i], ranks, ranges, len(word) + 1, last.get(i))
             tally.word(word, shown, skipped, ranks[0] == 0, ranks[0] < k)
 
-    def _strip_costs(self, word: str, at: int, log_probs: np.ndarray, unknown: dict, tally: _Tally) -> None:
+    def _strip_costs(self, word: str, at: int, log_probs: np.ndarray, unknown: dict, unknown_scores: dict,
+                     tally: _Tally) -> None:
         """Tally a word from the strips a session shows (:meth:`Engine.strip`), worked out one after another:
         a word outside the vocabulary (``at`` -1), one never suggested (typed in full), or one that the
-        conversation's words outside the vocabulary may outrank."""
+        conversation's words outside the vocabulary (``unknown``, scored ``unknown_scores``) may outrank."""
         engine, k, without = self.engine, self.k, len(word) + 1
         if at < 0 and (not engine.fills(word) or not (engine.rare or unknown)):
             tally.word(word, without, without, False, False)
@@ -488,14 +487,15 @@ class _Scorer:
         shown, skipped, first, rejected = without, without, [], set()
         for i in range(len(word)):
             typed = typed_word(word[:i])
-            strip = engine.strip(log_probs, word[:i], k, typed, unknown) if shown == without else []
-            if i == 0:  # nothing is passed over yet: the strip of the word's start either way
-                first = strip
-            if word in strip:
-                shown = i + 1
+            if shown == without:
+                strip = engine.strip(log_probs, word[:i], k, typed, unknown, unknown_scores)
+                if i == 0:  # nothing is passed over yet: the strip of the word's start either way
+                    first = strip
+                if word in strip:
+                    shown = i + 1
             if skipped == without:
                 if i:
-                    strip = engine.strip(log_probs, word[:i], k, rejected | typed, unknown)
+                    strip = engine.strip(log_probs, word[:i], k, rejected | typed, unknown, unknown_scores)
                 if word in strip:
                     skipped = i + 1
                 rejected.update(strip)
