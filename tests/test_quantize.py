@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import model_config
+from nextword import backends
 from nextword.backends import TorchStep
 from nextword.errors import NextwordError
 from nextword.model import LanguageModel
@@ -23,18 +24,25 @@ def int8_step(cell: str, adaptive: bool, hidden: int = 64) -> TorchStep:
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_a_batched_step_gives_each_stream_exactly_its_own_step(cell, adaptive):
+def test_streams_stepped_side_by_side_give_each_stream_exactly_its_own_steps(cell, adaptive, monkeypatch):
     step = int8_step(cell, adaptive)
     assert step.batch_invariant
-    states = [None] * len(STEPS)
-    alone = list(states)
-    for _ in range(2):  # from no state, then from the states the first step left
-        batch, states = step.run_batch(STEPS, states)
-        for row, ids in enumerate(STEPS):
-            log_probs, alone[row] = step.run(ids, alone[row])
-            np.testing.assert_array_equal(batch[row], log_probs)  # bit for bit, not approximately
-            for ours, theirs in zip(*(s if cell == "lstm" else (s,) for s in (states[row], alone[row]))):
-                assert torch.equal(ours, theirs)
+    # Streams of different lengths, each a few steps of different numbers of ids, as conversations have them.
+    streams = [STEPS, STEPS[1:3], STEPS[::-1] * 3, STEPS[3:4]]
+    alone = []  # each stream's log-probs after each of its steps, one stream at a time
+    for steps in streams:
+        state = None
+        for ids in steps:
+            log_probs, state = step.run(ids, state)
+            alone.append(log_probs)
+    ends = [np.cumsum([len(ids) for ids in steps]) - 1 for steps in streams]
+    for segment in (4, 64):  # calls that end inside a step and between steps; one call per stream
+        monkeypatch.setattr(backends, "SEGMENT", segment)
+        features = step.stream_features([sum(steps, []) for steps in streams], ends)
+        assert [len(f) for f in features] == [len(steps) for steps in streams]
+        together = step.output(torch.cat(features))
+        for row, log_probs in enumerate(alone):
+            np.testing.assert_array_equal(together[row], log_probs)  # bit for bit, not approximately
 
 
 def test_int8_stays_close_to_float32():
@@ -52,7 +60,7 @@ def test_a_hidden_size_that_is_not_a_multiple_of_64_is_not_batched():
     step = int8_step("lstm", False, hidden=96)
     assert not step.batch_invariant  # the elementwise kernels' scalar tails could differ in the last bit
     with pytest.raises(NextwordError, match="depends on its batch"):
-        step.run_batch(STEPS, [None] * len(STEPS))
+        step.stream_features(STEPS, [[0]] * len(STEPS))
 
 
 def test_the_exact_kernel_of_a_model_that_does_not_batch_steps_any_number_of_ids():

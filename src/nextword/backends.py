@@ -7,8 +7,8 @@ of the token after the last of them (a numpy vector over the vocabulary) and
 the new state. The engine keeps the state and hands it back; it never looks
 inside, so each backend carries its own kind.
 
-A backend whose ``batch_invariant`` is true also has ``run_batch``: the
-steps of many streams in one batched call, each row exactly the numbers
+A backend whose ``batch_invariant`` is true also has ``stream_features`` and
+``output``: many streams stepped in batches, each row exactly the numbers
 ``run`` gives that stream alone (the keystroke simulation relies on it). The
 PyTorch step with the engine's int8 weights is (:mod:`nextword.quantize`);
 float32 products, in PyTorch or ONNX Runtime, are summed in an order that
@@ -124,43 +124,63 @@ class TorchStep:
         return self.model.log_probs(feats[:, -1])[0].numpy(), state
 
     @torch.no_grad()
-    def run_batch(self, token_ids: list[list[int]], states: list) -> tuple[np.ndarray, list]:
-        """:meth:`run` for many streams: ``[streams, vocabulary]`` log-probs and each stream's new state.
+    def stream_features(self, streams: list[list[int]], at: list[list[int]]) -> list[torch.Tensor]:
+        """Many streams side by side: for each stream (all its ids, from the start), the model's features after
+        each of its positions ``at[s]``, ``[len(at[s]), features]``, the input of :meth:`output`.
 
-        The streams go through their ids together, one time step at a time: the streams still
-        running are the first rows (longest step first), so each step is one batched call on a
-        slice of the state; the output layer runs once for all.
+        A stream's numbers are those :meth:`run` gives it alone, stepped through the same ids in any
+        number of calls (``batch_invariant``). The streams go through their ids one time step at a
+        time, longest first, so the streams still running are the first rows of the batch and each
+        call, of up to ``SEGMENT`` ids, is on a slice of the state. Only the recurrent body runs this way: the output layer, the larger part of a step, runs in full batches of positions from
+        anywhere (:meth:`output`), so a stream much longer than the others costs little alone.
         """
         if not self.batch_invariant:
             raise NextwordError("this model's step depends on its batch; run the streams one at a time")
-        order = sorted(range(len(token_ids)), key=lambda row: -len(token_ids[row]))
-        lengths = [len(token_ids[row]) for row in order]
+        order = sorted(range(len(streams)), key=lambda s: -len(streams[s]))
+        lengths = np.array([len(streams[s]) for s in order], dtype=np.int64)
+        ids = torch.zeros(len(order), int(lengths.max(initial=0)), dtype=torch.long)
+        # Where the features after each id go in ``found`` (-1: nowhere), the streams' positions one after another.
+        into = np.full(ids.shape, -1, dtype=np.int64)
+        starts = np.cumsum([0] + [len(at[s]) for s in order])
+        for i, s in enumerate(order):
+            ids[i, :lengths[i]] = torch.tensor(streams[s], dtype=torch.long)
+            into[i, at[s]] = np.arange(starts[i], starts[i + 1])
+        found = torch.empty(0, 0)
         lstm = self.model.config.cell == "lstm"
-        state = self.model.stack_states([states[row] for row in order])
-        ids = torch.zeros(len(order), lengths[0], dtype=torch.long)
-        for i, row in enumerate(order):
-            ids[i, : lengths[i]] = torch.tensor(token_ids[row])
-        last = None
+        state = self.model.init_state(len(order))
         with one_thread():
-            for t in range(lengths[0]):
-                running = sum(length > t for length in lengths)
-                rows = slice(0, running)
-                now = (state[0][:, rows], state[1][:, rows]) if lstm else state[:, rows]
-                feats, now = self.model.features(ids[rows, t:t + 1], now)
-                if last is None:
-                    last = feats.new_empty(len(order), feats.shape[-1])
+            t = 0
+            while t < ids.shape[1]:
+                running = int(np.count_nonzero(lengths > t))
+                # Up to the next stream's end, SEGMENT ids at most: the recurrent layer's input matrix
+                # runs once over all of them, its recurrent one once per id.
+                stop = min(int(lengths[running - 1]), t + SEGMENT)
+                now = (state[0][:, :running], state[1][:, :running]) if lstm else state[:, :running]
+                feats, now = self.model.features(ids[:running, t:stop], now)
+                if not found.numel():
+                    found = feats.new_empty(int(starts[-1]), feats.shape[-1])
                 if lstm:
-                    state[0][:, rows], state[1][:, rows] = now
+                    state[0][:, :running], state[1][:, :running] = now
                 else:
-                    state[:, rows] = now
-                ending = slice(sum(length > t + 1 for length in lengths), running)  # the rows whose last id this was
-                last[ending] = feats[ending, 0]
-            log_probs = self.model.log_probs(last).numpy()
-        new_states = [None] * len(order)
-        for row, one in zip(order, self.model.split_state(state)):
-            new_states[row] = one
-        return log_probs[np.argsort(order)], new_states
+                    state[:, :running] = now
+                rows, steps = np.nonzero(into[:running, t:stop] >= 0)
+                if len(rows):
+                    found[torch.from_numpy(into[rows, t + steps])] = feats[torch.from_numpy(rows),
+                                                                           torch.from_numpy(steps)]
+                t = stop
+        by_stream = [found[starts[i]:starts[i + 1]] for i in range(len(order))]
+        return [by_stream[i] for i in np.argsort(order)]
 
+    @torch.no_grad()
+    def output(self, features: torch.Tensor) -> np.ndarray:
+        """``[rows, vocabulary]`` next-token log-probs of ``[rows, features]`` from :meth:`stream_features`:
+        each row what :meth:`run` gives at that position."""
+        with one_thread():
+            return self.model.log_probs(features).numpy()
+
+
+# The most ids of each stream in one call of stream_features: more make fewer, larger products, in more memory.
+SEGMENT = 32
 
 # The most ids of one step that get a trace of their own, where a trace freezes their number (TorchStep).
 TRACED_IDS = 16

@@ -34,9 +34,11 @@ are comparable with other engines:
 
 Top-1/top-3 accuracy is over word tokens, from the suggestions at ``i = 0``.
 
-Conversations are independent, so :func:`simulate_batched` types many at
-once: their committed tokens run through the model in one batched step, the
-n-gram and cache are mixed in for the whole batch, and a word's cost is read
+Conversations are independent, and what is committed before a word is the
+conversation's own text, so :func:`simulate_batched` works out the model's
+state before every word of many conversations side by side, then scores the
+words in full batches: the output layer, the n-gram and the cache are mixed
+in for the whole batch, and a word's cost is read
 from its rank among the words that start with each prefix (with
 ``skip_rejected``, less the words shown at shorter prefixes), not from one
 strip after another (except for a word outside the vocabulary, and for one
@@ -44,7 +46,7 @@ that the conversation's own words outside it outrank: their strips are
 worked out one by one, as the session shows them).
 It gives exactly the counts :func:`simulate` gives, which asks the engine's
 sessions as a person would, because every row of the
-batched step is bit for bit the step of that stream alone: that holds for the
+batched steps is bit for bit the step of that stream alone: that holds for the
 PyTorch step with int8 weights (:mod:`nextword.quantize`, the engine's
 default), and with any other the conversations are typed one at a time.
 
@@ -60,7 +62,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Collection, Iterable, Sequence
 
 import numpy as np
@@ -272,7 +274,8 @@ def simulate_batched(
     processes: int = 1,
     vocabulary: Collection[str] | None = None,
 ) -> Savings:
-    """:func:`simulate`'s counts, typing up to ``batch_size`` conversations at once (no latency).
+    """:func:`simulate`'s counts, typing many conversations at once and scoring ``batch_size`` words at a time
+    (no latency).
 
     ``processes`` > 1 shares the conversations among that many forked processes, each batching its
     own. With a backend that is not batch-invariant (float32 weights, ONNX Runtime) or a subword
@@ -338,57 +341,67 @@ def _typed_share(typed, conversations: list[Conversation], k: int, batch_size: i
 
 def _batched(engines: Sequence[Engine], conversations: list[Conversation], k: int, batch_size: int,
              vocabulary: Collection[str] | None = None) -> list["_Tally"]:
-    """The tally of each engine typing ``conversations`` in batches of up to ``batch_size``, in this process.
+    """The tally of each engine typing ``conversations`` in this process, ``batch_size`` words at a time.
+
+    What is committed before a word is the conversation's own text, whatever the strip showed, so the
+    model's features before each word are worked out first, for a group of conversations at once
+    (:meth:`~nextword.backends.TorchStep.stream_features`); then the words are scored ``batch_size`` at
+    a time, in conversation order, each with what a session would hold before it: the output layer,
+    the mix and the scorer run on full batches however long the longest conversation is.
 
     The engines are mixes of one (:meth:`Engine.remixed`): the first one's model step serves them all.
-    They share the n-gram, so each stream keeps one history, as long as the longest an engine reads
-    (an engine without the n-gram reads none), and one cache (an engine whose cache weights are zero
-    mixes none of it).
+    They share the n-gram, so each conversation keeps one history, as long as the longest an engine
+    reads (an engine without the n-gram reads none), and one cache (an engine whose cache weights are
+    zero mixes none of it).
     """
     tallies = [_Tally(e.options.skip_rejected, vocabulary) for e in engines]
     scorers = [_Scorer(e, k) for e in engines]
     lead = max(engines, key=lambda e: e.history)  # whose history is the longest
     caching = any(e.caching for e in engines)
-    # The longest first: a conversation's words are typed one after another, so the longest sets the number
-    # of batched steps, and the others fill the batch beside it. The counts are sums, in any order.
-    scripts = sorted((_script(lead, conversation, tallies) for conversation in conversations),
-                     key=len, reverse=True)
-    waiting = (_Stream(script) for script in scripts if script)
-    active: list[_Stream] = []
-    while True:
-        active = [s for s in active if s.at < len(s.script)]
-        active += itertools.islice(waiting, batch_size - len(active))
-        if not active:
-            break
-        steps = [s.script[s.at] for s in active]
-        log_probs, states = lead.backend.run_batch([ids for ids, _ in steps], [s.state for s in active])
-        for stream, (ids, _), state in zip(active, steps, states):
-            stream.state = state
-            stream.history = lead.extend_history(stream.history, ids)
-            if caching:
-                stream.cache = stream.cache.extended(ids, lead.blocked_suggest)
-            stream.at += 1
-        histories, caches, words = [s.history for s in active], [s.cache for s in active], [w for _, w in steps]
-        unknowns = [s.unknown for s in active]
+    scripts = [script for script in (_script(lead, c, tallies) for c in conversations) if script]
+    batch: list[tuple] = []  # (features, history, cache, the conversation's words outside the vocabulary, word)
+
+    def score() -> None:
+        log_probs = lead.backend.output(torch.stack([row[0] for row in batch]))
+        histories, caches, unknowns, words = ([row[i] for row in batch] for i in range(1, 5))
         for engine, scorer, tally in zip(engines, scorers, tallies):
             scorer.score(engine.mix_rows(log_probs, histories, caches), words, tally, unknowns)
-        if caching:  # the word typed is committed: a session's cache keeps it when it is outside the vocabulary
-            for stream, word in zip(active, words):
-                if lead.fills(word):
-                    stream.unknown[word] = stream.unknown.get(word, 0) + 1
+        batch.clear()
+
+    for group in _groups(scripts, GROUP_WORDS):
+        streams = [[i for ids, _ in script for i in ids] for script in group]
+        ends = [np.cumsum([len(ids) for ids, _ in script]) - 1 for script in group]
+        for script, features in zip(group, lead.backend.stream_features(streams, ends)):
+            history, cache, unknown = (), _Cache(), {}
+            for (ids, word), feature in zip(script, features):
+                history = lead.extend_history(history, ids)
+                if caching:
+                    cache = cache.extended(ids, lead.blocked_suggest)
+                batch.append((feature, history, cache, unknown, word))
+                if caching and lead.fills(word):  # committed: a session's cache keeps it outside the vocabulary
+                    unknown = unknown | {word: unknown.get(word, 0) + 1}
+                if len(batch) == batch_size:
+                    score()
+    if batch:
+        score()
     return tallies
 
 
-@dataclass
-class _Stream:
-    """One conversation in a batched simulation: its steps, how many are done, and what a session would hold."""
+# About how many words' features one stream_features call holds (512 floats each: 128 MB).
+GROUP_WORDS = 65536
 
-    script: list  # (ids committed since the last word, the word typed next), as _script gives them
-    at: int = 0
-    state: object = None
-    history: tuple = ()
-    cache: _Cache = _Cache()
-    unknown: dict = field(default_factory=dict)  # the session's words outside the vocabulary (Engine.fill)
+
+def _groups(scripts: list, words: int) -> Iterable[list]:
+    """``scripts`` in groups of about ``words`` words, longest first: a group's steps are its longest one's."""
+    group, count = [], 0
+    for script in sorted(scripts, key=len, reverse=True):
+        group.append(script)
+        count += len(script)
+        if count >= words:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
 
 
 def _script(engine: Engine, conversation: Conversation, tallies: list[_Tally]) -> list[tuple[list[int], str]]:
