@@ -272,3 +272,31 @@ def test_a_recent_context_is_answered_again_unchanged_and_read_only():
     assert not np.shares_memory(first, other)
     np.testing.assert_array_equal(other[0], model.next_probs([[3, 4], [0, 0]], dtype=np.float32, scale=0.5)[0])
     assert model.next_probs([[3, 4]], dtype=np.float64, scale=0.3).dtype == np.float64
+
+
+def test_a_block_is_ranked_only_for_the_rows_whose_top_3_its_bound_could_enter():
+    vocab = toy_vocab(6)  # ids 9 .. 14 are words
+    log_probs = torch.log(torch.tensor([
+        [0.0] * 9 + [0.4, 0.3, 0.2, 0.05, 0.03, 0.02],  # the first three words hold 0.9: the rest cannot enter
+        [0.0] * 9 + [0.1, 0.1, 0.05, 0.3, 0.25, 0.2],  # the second block holds the top 3
+    ]).clamp_min(1e-12))
+    targets = torch.tensor([11, 13])
+    asked = []  # (a block's first id, the rows it was worked out for)
+
+    def blocks(rows):
+        def block(start, stop):
+            def scores(ranked):
+                asked.append((start, ranked.tolist()))
+                return log_probs[rows][ranked][:, start:stop]
+            return start, log_probs[rows][:, start:stop].max(dim=1).values, scores
+
+        yield 0, None, lambda ranked: log_probs[rows][ranked][:, :9]  # no bound: always worked out
+        yield block(9, 12)
+        yield block(12, 15)
+
+    scores, reference = Scores(vocab), Scores(vocab)
+    scores.add_blocks(log_probs.gather(1, targets[:, None])[:, 0], targets, blocks)
+    reference.add(log_probs, targets)
+    assert scores.result() == reference.result()
+    assert scores.result()["top3"] == 1.0 and scores.result()["top1"] == 0.0
+    assert asked == [(9, [True, True]), (12, [False, True])]  # the first row never ranks the last block

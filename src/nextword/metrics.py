@@ -58,15 +58,20 @@ class Scores:
 
     def add(self, log_probs: torch.Tensor, targets: torch.Tensor) -> None:
         """Score ``[..., V]`` log-probabilities against ``[...]`` targets."""
+        flat = log_probs.reshape(-1, log_probs.shape[-1])
         self.add_blocks(log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), targets,
-                        lambda rows: [(0, log_probs.reshape(-1, log_probs.shape[-1])[rows])])
+                        lambda rows: [(0, None, lambda ranked: flat[rows][ranked])])
 
     def add_blocks(self, target_log_probs: torch.Tensor, targets: torch.Tensor, blocks) -> None:
         """Score from each target's log-probability and, for the rows to rank, the vocabulary in blocks.
 
-        ``blocks(rows)`` gives ``(first id, [len(rows), width] log-probabilities)`` pairs that cover
-        the vocabulary, for the boolean row mask ``rows`` (of the flattened targets): an adaptive
-        softmax's clusters need never be laid out as one ``[rows, V]`` matrix (:func:`adaptive_blocks`).
+        ``blocks(rows)``, for the boolean row mask ``rows`` (of the flattened targets), gives
+        ``(first id, bound, block)`` triples whose blocks cover the vocabulary: ``block(ranked)`` is the
+        ``[rows, width]`` log-probabilities of the rows of the boolean mask ``ranked`` (over the rows of
+        ``rows``), and ``bound``, when not None, is a log-probability that no entry of a row's block
+        exceeds. A block is worked out only for the rows whose top 3 so far it could still enter, which
+        is exact: an adaptive softmax's clusters (:func:`adaptive_blocks`) are bounded by their own
+        probability, and need never be laid out as one ``[rows, V]`` matrix.
         """
         targets, target_log_probs = targets.reshape(-1), target_log_probs.reshape(-1)
         keep = targets != PAD_ID
@@ -75,14 +80,19 @@ class Scores:
         # Accuracy is over word targets only, so only their rows are ranked.
         is_word_target = self.target_words[targets] & keep
         word_targets = targets[is_word_target]
-        values, ids = [], []
-        for start, block in blocks(is_word_target):
-            block = block + self.not_suggestable[start:start + block.shape[-1]]
-            top = block.topk(min(3, block.shape[-1]), dim=-1)
-            values.append(top.values)
-            ids.append(top.indices + start)
-        best = torch.cat(values, dim=-1).topk(3, dim=-1).indices
-        hits = torch.cat(ids, dim=-1).gather(-1, best) == word_targets.unsqueeze(-1)
+        values = torch.full((len(word_targets), 3), -math.inf)
+        ids = torch.full((len(word_targets), 3), -1, dtype=torch.long)
+        for start, bound, block in blocks(is_word_target):
+            ranked = torch.ones(len(word_targets), dtype=torch.bool) if bound is None else bound >= values[:, -1]
+            if not ranked.any():
+                continue
+            scores = block(ranked)
+            scores = scores + self.not_suggestable[start:start + scores.shape[-1]]
+            top = scores.topk(min(3, scores.shape[-1]), dim=-1)
+            merged = torch.cat([values[ranked], top.values], dim=-1).topk(3, dim=-1)
+            values[ranked] = merged.values
+            ids[ranked] = torch.cat([ids[ranked], top.indices + start], dim=-1).gather(-1, merged.indices)
+        hits = ids == word_targets.unsqueeze(-1)
         self.top1 += int(hits[:, 0].sum())
         self.top3 += int(hits.any(-1).sum())
         self.words += len(word_targets)
@@ -110,7 +120,8 @@ def adaptive_blocks(head: torch.nn.AdaptiveLogSoftmaxWithLoss, features: torch.T
 
     The numbers are those of ``head.log_prob`` (the same operations, in the same order, up to the
     rounding of a product over fewer rows), but a cluster's log-probabilities are computed only for
-    the rows that are ranked or whose target is in it, and never copied into one ``[rows, V]`` matrix.
+    the rows whose target is in it, or that are ranked and whose top 3 the cluster's probability
+    could enter, and never copied into one ``[rows, V]`` matrix.
     """
     x, targets = features.reshape(-1, features.shape[-1]).float(), targets.reshape(-1)
     head_log_probs = torch.log_softmax(head.head(x), dim=1)
@@ -128,9 +139,11 @@ def adaptive_blocks(head: torch.nn.AdaptiveLogSoftmaxWithLoss, features: torch.T
             target_log_probs = target_log_probs.masked_scatter(inside, picked)
 
     def blocks(rows: torch.Tensor):
-        yield 0, head_log_probs[rows, :shortlist]
+        at = rows.nonzero().squeeze(1)
+        yield 0, None, lambda ranked: head_log_probs[at[ranked], :shortlist]
         for i, (start, _) in enumerate(clusters):
-            yield start, cluster(i, rows)
+            # A word of the cluster is at most as likely as the cluster.
+            yield start, head_log_probs[at, shortlist + i], lambda ranked, i=i: cluster(i, at[ranked])
 
     return target_log_probs, blocks
 
@@ -170,5 +183,5 @@ def evaluate_ngram(model, windows: np.ndarray, vocab: Vocab) -> dict:
         target_log_probs = np.log(probs[np.arange(len(targets)), targets])
         ranked = torch.from_numpy(probs)
         scores.add_blocks(torch.from_numpy(target_log_probs), torch.from_numpy(targets),
-                          lambda rows: [(0, ranked[rows])])
+                          lambda rows: [(0, None, lambda subset: ranked[rows][subset])])
     return scores.result()
