@@ -129,10 +129,11 @@ class TorchStep:
         each of its positions ``at[s]``, ``[len(at[s]), features]``, the input of :meth:`output`.
 
         A stream's numbers are those :meth:`run` gives it alone, stepped through the same ids in any
-        number of calls (``batch_invariant``). The streams go through their ids one time step at a
-        time, longest first, so the streams still running are the first rows of the batch and each
-        call, of up to ``SEGMENT`` ids, is on a slice of the state. Only the recurrent body runs this way: the output layer, the larger part of a step, runs in full batches of positions from
-        anywhere (:meth:`output`), so a stream much longer than the others costs little alone.
+        number of calls (``batch_invariant``). The streams go through their ids side by side, longest
+        first, so the streams still running are the first rows of the batch, and each call, of up to
+        ``SEGMENT`` ids, is on a slice of the state. Only the recurrent body runs this way: the output
+        layer, the larger part of a step, runs in full batches of positions from anywhere
+        (:meth:`output`), so a stream much longer than the others costs little alone.
         """
         if not self.batch_invariant:
             raise NextwordError("this model's step depends on its batch; run the streams one at a time")

@@ -311,11 +311,12 @@ class KneserNey:
         probs.flags.writeable = False  # kept by _recent: a caller that changed it would change the next answer
         return probs
 
-    def stream_probs(self, stream: np.ndarray, batch_size: int = 1024,
+    def stream_probs(self, stream: np.ndarray, batch_size: int = 128,
                      dtype=np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``([B, V] probabilities, [B] targets)`` for every id of a stream but the first, in batches.
 
-        Each target's context is the ids before it in the stream, up to N - 1 of them.
+        Each target's context is the ids before it in the stream, up to N - 1 of them. The batches are
+        small enough for a batch and its passes to stay in the CPU's cache.
         """
         s = np.asarray(stream, dtype=np.int64)
         grams = self._gram_indices(s[None, :])
