@@ -9,6 +9,7 @@ import torch
 from pathlib import Path
 
 from nextword.config import ModelConfig, TrainParams, load_params
+from nextword.export import export_servable_step
 from nextword.model import LanguageModel, detach_state
 from nextword.modeldir import save_trained, write_servable
 from nextword.text import tokenize
@@ -21,9 +22,9 @@ DEFAULTS = load_params(ROOT / "params.yaml")
 # The engine with the project's default settings, without a banned-word list.
 ENGINE = DEFAULTS.engine.model_copy(update={"banned_words": None})
 # The engine as the LSTM alone: no n-gram, no cache, no conversation's words outside the vocabulary ranked,
-# rejected words shown again, float32.
+# rejected words shown again, float32 in PyTorch.
 PLAIN = ENGINE.model_copy(update={"ngram_weight": 0, "cache_weight": 0, "cache_bigram_weight": 0,
-                                  "unknown_weight": 0, "skip_rejected": False, "int8": False})
+                                  "unknown_weight": 0, "skip_rejected": False, "int8": False, "backend": "torch"})
 
 
 def model_config(vocab_size: int, **shape) -> ModelConfig:
@@ -48,10 +49,10 @@ def train_params(**settings) -> TrainParams:
 
 
 def save_servable(path, model, vocab, extra: dict, options=ENGINE, ngram=None, tokenizer=None) -> None:
-    """A servable model folder, as the train and bundle stages write one."""
+    """A servable model folder, as the train and bundle stages write one (with the ONNX backend, its step too)."""
     trained = Path(path).with_name(Path(path).name + ".trained")
     save_trained(trained, model, vocab, extra, tokenizer)
-    write_servable(path, trained, options, ngram)
+    write_servable(path, trained, options, ngram, also=export_servable_step if options.backend == "onnx" else None)
 
 TINY_CONVERSATION = [
     ("user", "good morning , how are you today ?"),

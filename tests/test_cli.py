@@ -88,7 +88,7 @@ def test_evaluate(tiny_model_dir, chat_csv, tmp_path):
     plain = json.loads(nextword("evaluate", "--model", tiny_model_dir, "--csv", chat_csv, "--json",
                                 "--max-conversations", "1", "--ngram-weight", "0", "--cache-weight", "0",
                                 "--cache-bigram-weight", "0", "--unknown-weight", "0", "--skip-rejected", "--fp32",
-                                "-k", "2").stdout)
+                                "--backend", "torch", "-k", "2").stdout)
     assert plain["engine"] == {"ngram_weight": 0.0, "cache_weight": 0.0, "cache_bigram_weight": 0.0,
                                "unknown_weight": 0.0, "suggestions": 2, "skip_rejected": True, "int8": False, "backend": "torch"}
     assert plain["words"] == figures["words"] and plain["perplexity"] == figures["perplexity"]

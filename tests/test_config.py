@@ -75,8 +75,11 @@ def test_invalid_values_name_the_key(key, value):
 
 
 def test_every_cell_is_accepted_and_the_transformer_needs_an_even_width_per_head():
-    for cell in ("lstm", "gru", "lnlstm", "transformer"):
+    for cell in ("lstm", "gru", "transformer"):
         assert parse_params(with_value("model.cell", cell)).model.cell == cell
+    lnlstm = with_value("model.cell", "lnlstm")  # which has no ONNX step: on the PyTorch backend
+    lnlstm["engine"]["backend"] = "torch"
+    assert parse_params(lnlstm).model.cell == "lnlstm"
     raw = with_value("model.cell", "transformer")
     raw["model"]["hidden"] = 512  # whatever the preset's width
     raw["model"]["heads"] = 5  # 512 / 5

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from hypothesis import given, settings
@@ -200,20 +201,22 @@ def test_complete_stops_at_the_end_of_the_message_and_leaves_the_session_alone(e
     np.testing.assert_array_equal(session.log_probs, before)
 
 
-def test_model_folder_holds_tensors_and_json_only(tiny_model_dir):
-    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["config.json", "engine.json", "vocab.json",
-                                                                "weights.pt"]
+def test_model_folder_holds_tensors_json_and_the_onnx_step_only(tiny_model_dir):
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == ["config.json", "engine.json", "model.int8.onnx",
+                                                                "vocab.json", "weights.pt"]
     weights = torch.load(tiny_model_dir / "weights.pt", weights_only=True)
     assert weights and all(isinstance(v, torch.Tensor) for v in weights.values())
     for name in ("config.json", "engine.json", "vocab.json"):
         json.loads((tiny_model_dir / name).read_text(encoding="utf-8"))
+    # the default engine's step: an ONNX graph (protobuf), which onnx reads and checks
+    onnx.checker.check_model(onnx.load(tiny_model_dir / "model.int8.onnx"))
 
 
 def test_a_folder_written_before_the_transformer_existed_still_loads(tiny_model_dir, tmp_path):
     """Its config has no model.heads or model.context, and its weights call the body `rnn`."""
     old = tmp_path / "model"
     old.mkdir()
-    for name in ("vocab.json", "engine.json"):
+    for name in ("vocab.json", "engine.json", "model.int8.onnx"):
         (old / name).write_bytes((tiny_model_dir / name).read_bytes())
     config = json.loads((tiny_model_dir / "config.json").read_text())
     del config["model"]["heads"], config["model"]["context"]
@@ -504,7 +507,7 @@ def assert_rescored_as_stepping_would(engine, session, candidates, right) -> Non
 def test_every_cell_serves_the_engine_with_its_state_carried(cell, tmp_path):
     model, vocab = train_tiny_model(steps=40, cell=cell)
     folder = tmp_path / "model"
-    save_servable(folder, model, vocab, {"speaker_tags": True, "window_length": 8})
+    save_servable(folder, model, vocab, {"speaker_tags": True, "window_length": 8}, options=PLAIN)
     engine = Engine.load(folder, options=PLAIN)
     assert engine.model.config.cell == cell
     session = engine.session()

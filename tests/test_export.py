@@ -251,8 +251,11 @@ def test_the_engine_on_onnx_suggests_and_completes_as_on_pytorch(exported_dir):
 
 
 def test_the_onnx_backend_without_an_export_is_a_one_line_error(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.int8.onnx").unlink()
     with pytest.raises(NextwordError, match=r"model\.int8\.onnx: no such file; .*nextword export") as err:
-        Engine.load(tiny_model_dir, options=ONNX.model_copy(update={"int8": True}))
+        Engine.load(folder, options=ONNX.model_copy(update={"int8": True}))
     assert "\n" not in str(err.value)
     (tmp_path / "model.onnx").write_bytes(b"not a graph")
     with pytest.raises(NextwordError, match="model.onnx: damaged"):
@@ -296,13 +299,14 @@ def test_export_prints_one_json_object_with_the_check(tiny_model_dir, tmp_path, 
         writer.writerow(["conversation_id", "speaker", "text"])
         writer.writerows([c, speaker, text] for c in ("c0", "c1") for speaker, text in TINY_CONVERSATION)
     out = tmp_path / "step.int8.onnx"
+    bundled = (tiny_model_dir / "model.int8.onnx").stat().st_mtime_ns
     status, stdout, stderr = nextword(capfd, "export", "--format", "onnx", "--model", tiny_model_dir, "--out", out,
                                       "--int8", "--check-csv", chat_csv)
     assert status == 0, stderr
     report = json.loads(stdout)  # the whole output is one object
     assert report["out"] == str(out) and report["int8"] is True
     assert report["bytes"] == out.stat().st_size and report["megabytes"] == round(out.stat().st_size / 1e6, 2)
-    assert not (tiny_model_dir / "model.int8.onnx").exists()  # --out, not the folder
+    assert (tiny_model_dir / "model.int8.onnx").stat().st_mtime_ns == bundled  # --out, not the folder's
     check = report["check"]
     assert (check["conversations"], check["messages"], check["words"]) == (2, 8, 58)
     words = [w for _, text in TINY_CONVERSATION for w in tokenize(text) if is_word(w)] * 2

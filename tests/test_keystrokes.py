@@ -3,6 +3,7 @@
 import pandas as pd
 import pytest
 
+from nextword.backends import TorchStep
 from nextword.engine import Engine
 from nextword.keystrokes import conversations_from_table, simulate, simulate_batched, simulate_mixes, word_cost
 from nextword.vocab import UNK_ID
@@ -175,9 +176,10 @@ def unknown_engine_dir(tmp_path_factory):
 def test_batched_simulation_counts_exactly_what_one_stream_counts(batch_engine_dir, skip_rejected):
     engine = Engine.load(batch_engine_dir, overrides={"skip_rejected": skip_rejected}, exact_batches=True)
     assert not Engine.load(batch_engine_dir).batch_invariant  # the served kernel: batches it would change
-    # The default engine: int8 PyTorch step, n-gram and both caches mixed in; batched for real, not typed one by one.
-    assert engine.options.int8 and engine.options.backend == "torch" and engine.ngram is not None and engine.caching
-    assert engine.batch_invariant
+    # The default engine: the int8 step (served on ONNX Runtime, simulated with PyTorch's batch-exact kernel, whose
+    # arithmetic the graph computes), n-gram and both caches mixed in; batched for real, not typed one by one.
+    assert engine.options.int8 and engine.options.backend == "onnx" and engine.ngram is not None and engine.caching
+    assert isinstance(engine.backend, TorchStep) and engine.batch_invariant
     one = simulate(engine, BATCH_CONVERSATIONS).savings()
     assert one.words == 31 + 10 + 1 + 0 + 39 + 10 and one.conversations == 6 and 0 < one.ksr < 1
     assert one.ksr_show_rejected < one.ksr_skip_rejected  # both strips are exercised

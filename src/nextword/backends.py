@@ -243,7 +243,8 @@ class OnnxStep:
         require_onnx_cell(config)
         path = Path(path)
         if not path.is_file():
-            raise NextwordError(f"{path}: no such file; write it with `nextword export --format onnx`")
+            raise NextwordError(f"{path}: no such file; write it with `nextword export --format onnx`, "
+                                "or run the step in PyTorch (engine.backend torch, --backend torch)")
         options = onnxruntime.SessionOptions()
         # One step of a small model: threads cost more than they give, as for PyTorch (Engine.load).
         options.intra_op_num_threads = 1

@@ -171,7 +171,8 @@ class Engine:
 
         With ``int8``, the step of one stream runs PyTorch's fused int8 kernel; ``exact_batches``
         asks for the kernel whose batched steps equal each stream's own (:mod:`nextword.quantize`),
-        which the keystroke simulation batches.
+        which the keystroke simulation batches. With ``backend: onnx`` too: the int8 graph computes that
+        kernel's arithmetic in ONNX operators (:mod:`nextword.export`), one stream at a time.
 
         ``options`` replaces those settings whole; ``overrides`` changes single ones (the CLI's flags).
         With ``backend: onnx`` the step runs the folder's exported graph (``model.int8.onnx`` with
@@ -182,7 +183,7 @@ class Engine:
         servable = load_servable(model_dir, options, overrides)
         options = servable.options
         model, backend = servable.model, None
-        if options.backend == "onnx":
+        if options.backend == "onnx" and not (options.int8 and exact_batches):
             backend = OnnxStep(onnx or onnx_file(model_dir, options.int8), model)
         elif options.int8:
             model = quantize_int8(model) if exact_batches else fused_int8(model)

@@ -48,6 +48,7 @@ from nextword.backends import (STEPS, input_names, model_state, output_names, re
                                start_state, state_tensors)
 from nextword.files import atomic_path
 from nextword.model import LanguageModel
+from nextword.modeldir import load_trained, onnx_file, read_engine_options
 from nextword.quantize import Int8Matrix, embedding_blocks
 
 OPSET = 17
@@ -118,6 +119,16 @@ def export_onnx(model: LanguageModel, path: str | Path, int8: bool = False, fp16
 
 EMBEDDING = "model.embed.weight"  # the embedding table's initializer, as the exporter names it
 BLOCK_SCALES = "embed_blocks_scale"  # the scale of each block of the 8-bit table
+
+
+def export_servable_step(folder) -> Path:
+    """Write the step the servable ``folder``'s engine settings run on ONNX Runtime into it (``engine.int8``
+    picks the int8 graph or float32), where ``engine.backend: onnx`` reads it; returns its path."""
+    int8 = read_engine_options(folder).int8
+    path = onnx_file(folder, int8)
+    size = export_onnx(load_trained(folder)[0], path, int8=int8)
+    print(f"{path.name}: the model step for ONNX Runtime, {size / 1e6:.1f} MB")
+    return path
 
 
 def embedding_in_blocks(model) -> list[str]:

@@ -69,6 +69,14 @@ def log_model(model_dir: str | Path, name: str = "suggester"):
     import numpy
     import torch
 
+    from nextword.modeldir import read_engine_options
+
+    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                    f"numpy=={numpy.__version__}", f"pandas=={pd.__version__}"]
+    if read_engine_options(model_dir).backend == "onnx":  # the folder's step runs on ONNX Runtime
+        import onnxruntime
+
+        requirements.append(f"onnxruntime=={onnxruntime.__version__}")
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=__file__,  # models from code: this file, run at load time, sets the model
@@ -77,8 +85,7 @@ def log_model(model_dir: str | Path, name: str = "suggester"):
         signature=SIGNATURE,
         input_example=pd.DataFrame({"text": ["hi , how are "], "speaker": ["user"], "k": [DEFAULT_K]}),
         # Named, not inferred: inference would load the model in a subprocess, for seconds.
-        pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                          f"numpy=={numpy.__version__}", f"pandas=={pd.__version__}"],
+        pip_requirements=requirements,
     )
 
 

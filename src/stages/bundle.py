@@ -12,19 +12,10 @@ import time
 import numpy as np
 
 from nextword import stage
-from nextword.modeldir import load_trained, onnx_file, read_engine_options, write_servable
+from nextword.export import export_servable_step
+from nextword.modeldir import write_servable
 from nextword.ngram import KneserNey, stream_from_windows
 from nextword.vocab import Vocab
-
-
-def export_step(folder):
-    """The model step for ONNX Runtime, written into the servable folder before it appears."""
-    from nextword.export import export_onnx
-
-    int8 = read_engine_options(folder).int8
-    path = onnx_file(folder, int8)
-    size = export_onnx(load_trained(folder)[0], path, int8=int8)
-    print(f"{path.name}: the model step for ONNX Runtime, {size / 1e6:.1f} MB")
 
 
 def main(args, params):
@@ -36,7 +27,9 @@ def main(args, params):
         ngram = KneserNey.fit(stream_from_windows(np.load(f"{args.windows}/train.npy")), len(vocab),
                               engine.ngram_order)
         print(f"the engine's {engine.ngram_order}-gram fitted in {time.perf_counter() - started:.1f} s")
-    write_servable(args.out, args.trained, engine, ngram, also=export_step if engine.backend == "onnx" else None)
+    # With the ONNX backend, the step it runs is written into the folder before the folder appears.
+    write_servable(args.out, args.trained, engine, ngram,
+                   also=export_servable_step if engine.backend == "onnx" else None)
     print(f"{args.out}: engine settings {engine.model_dump()}")
 
 
