@@ -243,6 +243,8 @@ class Engine:
         ``k_lstm = (1 - a)(1 - c)(1 - b)`` and so on; the products are worked out per row first, and
         the vocabulary-wide arrays are passed over once per term (this runs on the keystroke's clock).
         Every operation is elementwise or within a row, so a row comes out the same alone or in a batch.
+        The exponential and the logarithm run in PyTorch, whose vectorised kernels take about half
+        NumPy's time on these arrays (docs/results.md).
         """
         weights = (self.options.cache_weight, self.options.cache_bigram_weight)
         rows = len(log_probs)
@@ -260,7 +262,7 @@ class Engine:
             return log_probs
         left = (1 - own[0]) * (1 - own[1])  # what the cache parts leave of the LSTM and the n-gram
         a = self.options.ngram_weight if self.ngram is not None else 0.0
-        p = np.exp(log_probs)
+        p = torch.from_numpy(log_probs).exp().numpy()
         p *= ((1 - a) * left).astype(np.float32)[:, None]
         if self.ngram is not None:
             p += self.ngram.next_probs(histories, dtype=np.float32, scale=a * left)
@@ -277,7 +279,7 @@ class Engine:
             # A row's ids are distinct, so a plain indexed add is exact.
             p[np.repeat([row for row, _ in followers], [len(x) for x in n]), np.concatenate(ids)] += \
                 share.astype(np.float32)
-        return np.log(p, out=p)
+        return torch.from_numpy(p).log_().numpy()
 
     def run(self, token_ids: list[int], state):
         """Advance the model over ``token_ids``: (log-probs of the next token as numpy, new state).
