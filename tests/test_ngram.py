@@ -189,6 +189,9 @@ def test_lstm_and_ngram_are_scored_alike():
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6), key
     assert got["tokens"] == len(stream) - 1
+    # Without accuracy: the same perplexity, no ranking
+    assert evaluate(model, windows, vocab, batch_size=4, accuracy=False) == \
+        {key: got[key] for key in ("nll", "perplexity", "tokens")}
     baseline = evaluate_ngram(KneserNey.fit(stream, len(vocab), 3), windows, vocab)
     assert baseline.keys() == got.keys()
     assert (baseline["tokens"], baseline["word_tokens"]) == (got["tokens"], got["word_tokens"])
@@ -211,6 +214,8 @@ def test_an_adaptive_softmax_is_scored_by_cluster_as_over_the_whole_vocabulary()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6), key
     assert got["top3"] > 0  # the ranking found some targets, so a mismatch in it would show
+    assert evaluate(model, windows, vocab, batch_size=4, accuracy=False) == \
+        {key: got[key] for key in ("nll", "perplexity", "tokens")}
 
 
 def test_scores_counts_word_targets_and_word_candidates_only():

@@ -214,6 +214,35 @@ def test_the_kept_weights_score_on_validation_as_training_reported(tiny_data):
     result = train(model, train_windows, val_windows, vocab, params, 8, seed=0)
     assert result.best_val == evaluate(model, val_windows, vocab, 8)
     assert result.best_val["nll"] == result.history[result.best_epoch - 1]["val_loss"]
+    # Only the last epoch ranks the words; the epochs before it score the perplexity alone.
+    assert result.history[0]["val_top3"] is None and result.history[-1]["val_top3"] == result.best_val["top3"] > 0
+
+
+def test_a_kept_epoch_before_the_last_is_ranked_once_training_ends(tiny_data, monkeypatch):
+    from nextword import training
+
+    vocab, train_windows, val_windows = load(tiny_data)
+    calls = []
+
+    def worse_after_the_first_epoch(*args, **kwargs):
+        scores = evaluate(*args, **kwargs)
+        calls.append(kwargs.get("accuracy", True))
+        if len(calls) == 2:  # the second epoch's score: worse, so the first epoch's weights are kept
+            scores["nll"] += 10.0
+        return scores
+
+    monkeypatch.setattr(training, "evaluate", worse_after_the_first_epoch)
+    model = small_model(len(vocab))
+    snapshots = []
+    params = train_params(batch_size=8, epochs=2, lr=0.01, clip=1.0, device="cpu")
+    result = train(model, train_windows, val_windows, vocab, params, 8, seed=0,
+                   on_epoch=lambda row: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}))
+    assert calls == [False, True, True] and result.best_epoch == 1
+    assert result.history[0]["val_top3"] is None
+    monkeypatch.undo()
+    assert all(torch.equal(value, snapshots[0][name]) for name, value in model.state_dict().items())
+    assert result.best_val == evaluate(model, val_windows, vocab, 8) and result.best_val["top3"] > 0
+    assert result.best_val["nll"] == result.history[0]["val_loss"]
 
 
 def trained(tiny_data, params, checkpoint=None) -> tuple:

@@ -125,8 +125,8 @@ class Run:
             self.mlflow.log_metrics(metrics, step=step)
 
     def log_epoch(self, row: dict) -> None:
-        """One row of the training curves, with ``step`` = epoch."""
-        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        """One row of the training curves, with ``step`` = epoch; a value not measured (None) is left out."""
+        self.log_metrics({k: v for k, v in row.items() if k != "epoch" and v is not None}, step=row["epoch"])
 
     def log_artifact(self, path, folder: str) -> None:
         with store_lock():

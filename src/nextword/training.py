@@ -5,9 +5,12 @@ left by one step is the right starting state for the next; it is carried
 and detached between steps (as in PyTorch's word_language_model example).
 For ``model.cell: transformer`` that state is the keys and values of the last
 ``model.context - 1`` tokens (:mod:`nextword.transformer`), carried the same way.
-After each epoch the model is scored on validation: the best epoch's weights
-are kept, with their scores (``TrainResult.best_val``, which the evaluate stage
-reports instead of scoring validation again), and training stops early after ``patience`` epochs without
+After each epoch the model's validation perplexity is scored, and after the
+last epoch its top-1 and top-3 too (ranking every word takes as long again as
+the perplexity, so the curve's ``val_top3`` has the last epoch's only). The best
+epoch's weights are kept, with their full scores (``TrainResult.best_val``, which
+the evaluate stage reports instead of scoring validation again; ranked once more
+when the best epoch was not the last), and training stops early after ``patience`` epochs without
 improvement. The learning rate follows ``schedule``: ``plateau`` cuts it by
 ``lr_decay`` when validation loss stops improving (``ReduceLROnPlateau``);
 ``cosine`` warms it up linearly over ``warmup_steps`` optimizer steps, then
@@ -400,7 +403,8 @@ def train(
             dist.all_reduce(totals)
         seconds = time.perf_counter() - started
         train_loss = (totals[0] / totals[1].clamp(min=1)).item()
-        val = evaluate(model, val_windows, vocab, eval_batch_size, device) if rank == 0 else None
+        last = epoch == params.epochs
+        val = evaluate(model, val_windows, vocab, eval_batch_size, device, accuracy=last) if rank == 0 else None
         val = _from_rank0(val, world)
         if plateau is not None:
             plateau.step(val["nll"])
@@ -410,7 +414,7 @@ def train(
             "train_perplexity": math.exp(train_loss),
             "val_loss": val["nll"],
             "val_perplexity": val["perplexity"],
-            "val_top3": val["top3"],
+            "val_top3": val.get("top3"),  # None before the last epoch
             "lr": lr,
             "tokens_per_second": totals[1].item() / max(seconds, 1e-9),
             "seconds": seconds,
@@ -447,4 +451,6 @@ def train(
             if on_epoch:
                 on_epoch(row)
     model.load_state_dict(result.best_state)
+    if rank == 0 and "top3" not in result.best_val:  # an epoch before the last, or an early stop, was kept
+        result.best_val = evaluate(model, val_windows, vocab, eval_batch_size, device)
     return result
