@@ -125,6 +125,8 @@ def test_repro_then_experiments_then_param_changes(project):
         assert all(re.fullmatch(r"[0-9a-f]{32}(\.dir)?", digest) for digest in inputs.values()), inputs
         history = client.get_metric_history(run.info.run_id, "val_perplexity")
         assert [m.step for m in history] == list(range(1, 31))
+        # validation's top-3 is ranked after the last epoch only (nextword.training)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top3")] == [30]
         assert {"lstm_test_perplexity", "lstm_test_top3", "baseline_val_perplexity", "baseline_test_perplexity",
                 "baseline_test_top3", "lstm_keystrokes_ksr"} <= set(run.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}

@@ -25,7 +25,8 @@ def main(args, params):
         if opened_here:  # the training curves belong to this configuration too
             with open(args.curves, encoding="utf-8", newline="") as f:
                 for row in csv.DictReader(f):
-                    run.log_epoch({k: float(v) for k, v in row.items()} | {"epoch": int(row["epoch"])})
+                    # An empty cell is a figure that epoch did not measure (val_top3 before the last).
+                    run.log_epoch({k: float(v) if v else None for k, v in row.items()} | {"epoch": int(row["epoch"])})
         run.log_metrics(flat_metrics(metrics, "lstm_"))  # not val_perplexity: the per-epoch curve's name
         run.log_metrics(flat_metrics(read_json(args.baseline), "baseline_"))
         run.log_metrics({f"keystroke_{k}": v for k, v in read_json(args.latency).items()})
