@@ -52,7 +52,7 @@ def save_servable(path, model, vocab, extra: dict, options=ENGINE, ngram=None, t
     """A servable model folder, as the train and bundle stages write one (with the ONNX backend, its step too)."""
     trained = Path(path).with_name(Path(path).name + ".trained")
     save_trained(trained, model, vocab, extra, tokenizer)
-    write_servable(path, trained, options, ngram, also=export_servable_step if options.backend == "onnx" else None)
+    write_servable(path, trained, options, ngram, also=export_servable_step)
 
 TINY_CONVERSATION = [
     ("user", "good morning , how are you today ?"),

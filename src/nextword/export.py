@@ -121,10 +121,14 @@ EMBEDDING = "model.embed.weight"  # the embedding table's initializer, as the ex
 BLOCK_SCALES = "embed_blocks_scale"  # the scale of each block of the 8-bit table
 
 
-def export_servable_step(folder) -> Path:
-    """Write the step the servable ``folder``'s engine settings run on ONNX Runtime into it (``engine.int8``
-    picks the int8 graph or float32), where ``engine.backend: onnx`` reads it; returns its path."""
-    int8 = read_engine_options(folder).int8
+def export_servable_step(folder) -> Path | None:
+    """With ``engine.backend: onnx`` in the servable ``folder``'s settings, write the step it runs into it
+    (``engine.int8`` picks the int8 graph or float32), where the engine reads it; returns its path (None
+    on the PyTorch backend, which needs no file). ``write_servable(..., also=export_servable_step)``."""
+    options = read_engine_options(folder)
+    if options.backend != "onnx":
+        return None
+    int8 = options.int8
     path = onnx_file(folder, int8)
     size = export_onnx(load_trained(folder)[0], path, int8=int8)
     print(f"{path.name}: the model step for ONNX Runtime, {size / 1e6:.1f} MB")

@@ -28,8 +28,7 @@ def main(args, params):
                               engine.ngram_order)
         print(f"the engine's {engine.ngram_order}-gram fitted in {time.perf_counter() - started:.1f} s")
     # With the ONNX backend, the step it runs is written into the folder before the folder appears.
-    write_servable(args.out, args.trained, engine, ngram,
-                   also=export_servable_step if engine.backend == "onnx" else None)
+    write_servable(args.out, args.trained, engine, ngram, also=export_servable_step)
     print(f"{args.out}: engine settings {engine.model_dump()}")
 
 
