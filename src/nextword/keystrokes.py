@@ -71,6 +71,7 @@ import torch
 
 from nextword.engine import Engine, _Cache, best, typed_word
 from nextword.errors import NextwordError
+from nextword.forked import forked_map
 from nextword.text import is_word, tokenize
 from nextword.vocab import SPEAKER_TAG
 from nextword.windows import MESSAGE_END, message_head
@@ -309,34 +310,18 @@ def _simulate(engines: list[Engine], conversations, k: int, max_conversations: i
         conversations = conversations_from_table(conversations)
     conversations = list(itertools.islice(conversations, max_conversations))
     typed = _batched if all(e.batch_invariant for e in engines) else _one_at_a_time
-    if processes < 2 or len(conversations) < 2:
-        return [t.savings() for t in typed(engines, conversations, k, batch_size, vocabulary)]
-    import concurrent.futures
-    import multiprocessing
-
     # Dealt out longest first, so that each process gets as much typing, and its longest conversations early.
     by_length = sorted(conversations, key=lambda c: sum(len(text) for _, text in c), reverse=True)
+    processes = max(1, min(processes, len(conversations)))
     shares = [by_length[i::processes] for i in range(processes)]
-    # Forked, the processes share the loaded engines instead of each loading them again.
-    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                                initializer=_share_engines, initargs=(engines,)) as pool:
-        shared = list(pool.map(_typed_share, itertools.repeat(typed), shares, itertools.repeat(k),
-                               itertools.repeat(batch_size), itertools.repeat(vocabulary)))
-    return [_Tally.total([tallies[i] for tallies in shared], e.options.skip_rejected).savings()
+    tallies = forked_map(_typed_share, (typed, engines, k, batch_size, vocabulary), shares, processes)
+    return [_Tally.total([share[i] for share in tallies], e.options.skip_rejected).savings()
             for i, e in enumerate(engines)]
 
 
-_shared_engines: list[Engine] = []  # the engines of a process forked by _simulate
-
-
-def _share_engines(engines: list[Engine]) -> None:
-    global _shared_engines
-    _shared_engines = engines
-
-
-def _typed_share(typed, conversations: list[Conversation], k: int, batch_size: int,
-                 vocabulary: Collection[str] | None) -> list["_Tally"]:
-    return typed(_shared_engines, conversations, k, batch_size, vocabulary)
+def _typed_share(shared: tuple, conversations: list[Conversation]) -> list["_Tally"]:
+    typed, engines, k, batch_size, vocabulary = shared
+    return typed(engines, conversations, k, batch_size, vocabulary)
 
 
 def _batched(engines: Sequence[Engine], conversations: list[Conversation], k: int, batch_size: int,

@@ -4,17 +4,15 @@ The two splits are scored side by side, each in a process forked with the fitted
 at a time uses one core), with the same figures as one after the other.
 """
 
-import concurrent.futures
-import multiprocessing
 import os
 import time
 
 import numpy as np
 import pandas as pd
-import torch
 
 from nextword import stage
 from nextword.files import write_json
+from nextword.forked import forked_map
 from nextword.metrics import evaluate_ngram, per_word
 from nextword.ngram import KneserNey, stream_from_windows
 from nextword.vocab import Vocab
@@ -31,10 +29,8 @@ def main(args, params):
     messages = pd.read_parquet(args.messages, columns=["split", "speaker", "text"])
     splits = ("val", "test")
     start = time.perf_counter()
-    with concurrent.futures.ProcessPoolExecutor(min(len(splits), os.cpu_count() or 1),
-                                                mp_context=multiprocessing.get_context("fork"),
-                                                initializer=_share, initargs=(model, vocab)) as pool:
-        scored = list(pool.map(_score, [f"{args.windows}/{split}.npy" for split in splits]))
+    scored = forked_map(_score, (model, vocab), [f"{args.windows}/{split}.npy" for split in splits],
+                        os.cpu_count() or 1)
     metrics = dict(zip(splits, scored))
     for split, m in metrics.items():
         m.update(per_word(m, table_word_targets(messages[messages["split"] == split], params.window.speaker_tags)))
@@ -44,17 +40,8 @@ def main(args, params):
     write_json(args.metrics, metrics)
 
 
-_shared = None  # (model, vocab) in a forked process
-
-
-def _share(model: KneserNey, vocab: Vocab) -> None:
-    global _shared
-    _shared = (model, vocab)
-    torch.set_num_threads(1)  # the processes already use the cores
-
-
-def _score(windows: str) -> dict:
-    model, vocab = _shared
+def _score(shared: tuple, windows: str) -> dict:
+    model, vocab = shared
     return evaluate_ngram(model, np.load(windows), vocab)
 
 
