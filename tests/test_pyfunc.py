@@ -82,6 +82,19 @@ def test_logged_model_loads_and_predicts_without_pickles(logged_run):
     assert "weights.pt" in files and not [f for f in files if f.endswith((".pkl", ".pickle"))]
 
 
+def test_the_logged_model_pins_what_its_folder_needs(logged_run):
+    import onnxruntime
+    import torch
+
+    _, run_id = logged_run
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/suggester"))
+    pinned = (local / "requirements.txt").read_text(encoding="utf-8").split()
+    # The folder's step runs on ONNX Runtime (the default backend); its tokenizer is words, not pieces.
+    assert ENGINE.backend == "onnx" and f"onnxruntime=={onnxruntime.__version__}" in pinned
+    assert f"torch=={torch.__version__.split('+')[0]}" in pinned and f"mlflow=={mlflow.__version__}" in pinned
+    assert not [r for r in pinned if r.startswith("sentencepiece")]
+
+
 def test_the_logged_model_takes_the_text_after_the_cursor(logged_run):
     from nextword.engine import Engine
 

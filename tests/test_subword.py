@@ -162,3 +162,12 @@ def test_the_batched_simulation_of_a_subword_engine_counts_what_typing_one_strea
     conversations = [TINY_CONVERSATION, CONVERSATION + [("agent", "good morning marvin")]]
     engine = Engine.load(subword_dir, exact_batches=True)
     assert simulate_batched(engine, conversations, processes=2) == simulate(engine, conversations).savings()
+
+
+def test_the_mlflow_model_of_a_folder_of_pieces_pins_sentencepiece(subword_dir, tiny_model_dir):
+    import sentencepiece
+
+    from nextword.pyfunc import requirements
+
+    assert f"sentencepiece=={sentencepiece.__version__}" in requirements(subword_dir)
+    assert not [r for r in requirements(tiny_model_dir) if r.startswith("sentencepiece")]

@@ -64,19 +64,30 @@ class Suggester(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["suggestions", "probabilities"])
 
 
-def log_model(model_dir: str | Path, name: str = "suggester"):
-    """Log the engine over the servable ``model_dir`` as a pyfunc model into the active MLflow run; its ModelInfo."""
+def requirements(model_dir: str | Path) -> list[str]:
+    """The pip requirements of the pyfunc model over ``model_dir``, pinned to this environment's versions:
+    what every folder needs, ONNX Runtime for a folder whose step runs on it, SentencePiece for one of pieces."""
     import numpy
     import torch
 
     from nextword.modeldir import read_engine_options
+    from nextword.tokenizer import SENTENCEPIECE, Tokenizer
 
-    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                    f"numpy=={numpy.__version__}", f"pandas=={pd.__version__}"]
+    pinned = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+              f"numpy=={numpy.__version__}", f"pandas=={pd.__version__}"]
     if read_engine_options(model_dir).backend == "onnx":  # the folder's step runs on ONNX Runtime
         import onnxruntime
 
-        requirements.append(f"onnxruntime=={onnxruntime.__version__}")
+        pinned.append(f"onnxruntime=={onnxruntime.__version__}")
+    if Tokenizer.load(model_dir).kind == SENTENCEPIECE:
+        import sentencepiece
+
+        pinned.append(f"sentencepiece=={sentencepiece.__version__}")
+    return pinned
+
+
+def log_model(model_dir: str | Path, name: str = "suggester"):
+    """Log the engine over the servable ``model_dir`` as a pyfunc model into the active MLflow run; its ModelInfo."""
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=__file__,  # models from code: this file, run at load time, sets the model
@@ -85,7 +96,7 @@ def log_model(model_dir: str | Path, name: str = "suggester"):
         signature=SIGNATURE,
         input_example=pd.DataFrame({"text": ["hi , how are "], "speaker": ["user"], "k": [DEFAULT_K]}),
         # Named, not inferred: inference would load the model in a subprocess, for seconds.
-        pip_requirements=requirements,
+        pip_requirements=requirements(model_dir),
     )
 
 
