@@ -226,11 +226,15 @@ def test_a_code_change_retrains_from_scratch(project):
     finally:
         model_py.write_text(source)
     assert not (repo / "models/checkpoint.pt").exists()
+    # Back to the committed pipeline: its lock, and its outputs from DVC's cache, not trained again.
+    project.run("git", "checkout", "-q", "--", ".")
+    project.dvc("checkout", "-q", check=False)
+    assert project.dvc("status").stdout.strip().endswith("up to date.")
 
 
 def test_a_pulled_pipeline_is_up_to_date_and_serves_without_training(project, tmp_path):
     repo = project.path
-    project.dvc("repro")
+    assert stages_run(project.dvc("repro").stdout) == []  # the committed pipeline, as the test before left it
     project.run("git", "add", "-A")
     project.run("git", "commit", "-qm", "results", check=False)
     remote = tmp_path / "remote"
