@@ -204,10 +204,15 @@ def curves(repo: Path) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
-def test_a_code_change_retrains_from_scratch(project):
-    repo = project.path
+def back_to_commit(project) -> None:
+    """The committed pipeline in the workspace: its files and lock from git, its outputs from DVC's cache."""
     project.run("git", "checkout", "-q", "--", ".")
     project.dvc("checkout", "-q", check=False)
+
+
+def test_a_code_change_retrains_from_scratch(project):
+    repo = project.path
+    back_to_commit(project)
     before = curves(repo)
     model_py = repo / "src/nextword/model.py"
     source = model_py.read_text()
@@ -226,9 +231,7 @@ def test_a_code_change_retrains_from_scratch(project):
     finally:
         model_py.write_text(source)
     assert not (repo / "models/checkpoint.pt").exists()
-    # Back to the committed pipeline: its lock, and its outputs from DVC's cache, not trained again.
-    project.run("git", "checkout", "-q", "--", ".")
-    project.dvc("checkout", "-q", check=False)
+    back_to_commit(project)  # not trained again
     assert project.dvc("status").stdout.strip().endswith("up to date.")
 
 
