@@ -11,14 +11,15 @@ export DVC_NO_ANALYTICS := 1
 .venv/bin/python:
 	python3 -m venv .venv
 
-# pip compiles what it installs one file at a time; compileall does the same on every core, and skips
-# the files already compiled and the packages' own test suites (a fifth of the files), which nothing
-# imports. Like pip, it leaves the few files Python 3.11 cannot parse uncompiled, so its status is
-# ignored: compiling only saves time. It matters where PYTHONDONTWRITEBYTECODE is set, as on CI: every
-# process would compile its imports again.
+# Python caches the bytecode of each module it imports, as it does by default, even where
+# PYTHONDONTWRITEBYTECODE is set (as on CI): otherwise every process of the pipeline and of the tests
+# would compile torch, pandas, mlflow and dvc again. So pip installs without compiling, and each module
+# is compiled once, by the first process that imports it: most of the environment's files (the
+# packages' test suites and optional parts) are never imported at all.
+unexport PYTHONDONTWRITEBYTECODE
+
 install: $(PYTHON)
 	$(PYTHON) -m pip install -q --no-compile -r requirements.txt
-	$(PYTHON) -m compileall -qq -j 0 -x '/tests?/' $$($(PYTHON) -c "import sysconfig; print(*{sysconfig.get_path('purelib'), sysconfig.get_path('platlib')})") || true
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 
 repro: install
