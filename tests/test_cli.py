@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import ENGINE, TINY_CONVERSATION
+from nextword.engine import Engine
 
 
 def nextword(*args, cwd=None, timeout=120):
@@ -49,6 +50,19 @@ def test_suggest(tiny_model_dir):
     assert 0.5 < float(lines[0].split("\t")[1]) <= 1
     result = nextword("suggest", "--model", tiny_model_dir, "--speaker", "agent", "-k", "1", "i am f")
     assert result.stdout.splitlines() == [result.stdout.splitlines()[0]] and result.stdout.startswith("fine\t")
+
+
+def test_suggest_prints_every_probability_to_four_significant_digits(tiny_model_dir):
+    """A completion far less likely than the first still gets its number, not a rounded 0."""
+    result = nextword("suggest", "--model", tiny_model_dir, "--speaker", "agent", "i am f")
+    assert result.returncode == 0, result.stderr
+    session = Engine.load(tiny_model_dir).session()
+    expected = session.suggest(session.type_text("agent", "i am f"), 3)
+    assert min(s.probability for s in expected) < 5e-5  # what four decimals would print as 0.0000
+    printed = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [word for word, _ in printed] == [s.word for s in expected]
+    for (_, probability), s in zip(printed, expected):
+        assert float(probability) == pytest.approx(s.probability, rel=1e-3)
 
 
 def test_usage_and_model_errors_are_one_line(tiny_model_dir, tmp_path):

@@ -97,7 +97,8 @@ def load_engine(args, exact_batches: bool = False):
 
 
 def cmd_suggest(args) -> None:
-    """Print the top-k next words (or completions of the partial last word), one per line with its probability.
+    """Print the top-k next words (or completions of the partial last word), one per line with its probability,
+    to four significant digits: a word far less likely than the first shows its number (``2.7e-07``), not 0.
 
     With --right, the cursor is inside the message: TEXT is before it, --right after it, and the words
     from TEXT are rescored with the text after the cursor (fill-in-the-middle)."""
@@ -105,7 +106,7 @@ def cmd_suggest(args) -> None:
     session = engine.session()
     partial = session.type_text(args.speaker, args.text)
     for suggestion in session.suggest(partial, engine.options.suggestions, right=args.right):
-        print(f"{suggestion.word}\t{suggestion.probability:.4f}")
+        print(f"{suggestion.word}\t{suggestion.probability:.4g}")
 
 
 def cmd_complete(args) -> None:
