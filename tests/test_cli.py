@@ -56,8 +56,9 @@ def test_suggest_prints_every_probability_to_four_significant_digits(tiny_model_
     """A completion far less likely than the first still gets its number, not a rounded 0."""
     result = nextword("suggest", "--model", tiny_model_dir, "--speaker", "agent", "i am f")
     assert result.returncode == 0, result.stderr
-    session = Engine.load(tiny_model_dir).session()
-    expected = session.suggest(session.type_text("agent", "i am f"), 3)
+    engine = Engine.load(tiny_model_dir)  # the CLI's count of suggestions is the folder's setting
+    session = engine.session()
+    expected = session.suggest(session.type_text("agent", "i am f"), engine.options.suggestions)
     assert min(s.probability for s in expected) < 5e-5  # what four decimals would print as 0.0000
     printed = [line.split("\t") for line in result.stdout.splitlines()]
     assert [word for word, _ in printed] == [s.word for s in expected]
