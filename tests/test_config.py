@@ -64,6 +64,8 @@ def test_toy_preset(tmp_path):
         ("sample.top_p", 1.5),
         ("preset", "huge"),
         ("train.lr", "fast"),
+        ("train.ar", -1.0),
+        ("train.tar", "strong"),
         ("tokenizer.kind", "bytes"),
         ("tokenizer.vocab_size", 7),
         ("tokenizer.model_type", "wordpiece"),

@@ -21,7 +21,7 @@ from nextword.errors import NextwordError
 from nextword.metrics import evaluate
 from nextword.model import LanguageModel
 from nextword.text import tokenize
-from nextword.training import cpu_runs_bf16, train
+from nextword.training import activation_penalty, cpu_runs_bf16, train
 from nextword.vocab import Vocab
 from nextword.windows import cut_windows, split_stream
 
@@ -54,11 +54,13 @@ def tiny_data(tmp_path_factory):
 
 
 def spec(**train_overrides) -> dict:
+    # AWD-LSTM's activation regularisers on, as in the chat preset: a resumed run and two processes must
+    # reproduce them too.
     return {
         "model": {"embedding": 16, "hidden": 24, "layers": 2, "dropout": 0.3, "embedding_dropout": 0.1,
                   "locked_dropout": True},
         "train": {"batch_size": 8, "epochs": 3, "lr": 0.01, "clip": 1.0, "device": "cpu", "threads": 1,
-                  "lr_decay": 0.5, **train_overrides},
+                  "lr_decay": 0.5, "ar": 2.0, "tar": 1.0, **train_overrides},
     }
 
 
@@ -369,3 +371,39 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero_over_the_budget():
     assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.003 * 0.01
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # zero after the last step
     assert schedules(optimizer, train_params(schedule="plateau", lr_decay=0.5), 10)[1] is None
+
+
+def test_the_activation_penalty_is_awd_lstms_over_the_positions_with_a_target():
+    torch.manual_seed(0)
+    raw = torch.randn(2, 4, 3)
+    dropped = raw * (torch.rand(2, 1, 3) > 0.5) * 2  # a locked mask, as the model draws it
+    keep = torch.tensor([[True, True, True, True], [True, True, False, False]])  # the tail of row 1 is PAD
+    kept = [(b, t) for b in range(2) for t in range(4) if keep[b, t]]
+    ar = sum(float((dropped[b, t] ** 2).mean()) for b, t in kept) / len(kept)
+    tar = sum(float(((raw[b, t] - raw[b, t - 1]) ** 2).mean()) for b, t in kept if t and keep[b, t - 1]) / len(kept)
+    assert activation_penalty(raw, dropped, keep, 2.0, 0.0).item() == pytest.approx(2 * ar)
+    assert activation_penalty(raw, dropped, keep, 0.0, 1.0).item() == pytest.approx(tar)
+    assert activation_penalty(raw, dropped, keep, 2.0, 1.0).item() == pytest.approx(2 * ar + tar)
+    assert activation_penalty(raw, dropped, keep, 0.0, 0.0).item() == 0.0
+    # PAD positions count for nothing, whatever the model output there.
+    noisy = raw.clone()
+    noisy[1, 2:] = 100.0
+    assert activation_penalty(noisy, noisy, keep, 2.0, 1.0).item() == pytest.approx(
+        activation_penalty(raw, raw, keep, 2.0, 1.0).item())
+
+
+def test_the_activation_regularisers_keep_the_outputs_small_and_smooth(tiny_data):
+    vocab, train_windows, val_windows = load(tiny_data)
+    inputs = torch.from_numpy(val_windows[:, :-1]).long()
+    measured = {}
+    for weights in ((0.0, 0.0), (4.0, 4.0)):
+        model = small_model(len(vocab))
+        params = train_params(batch_size=8, epochs=3, lr=0.01, device="cpu", ar=weights[0], tar=weights[1])
+        result = train(model, train_windows, val_windows, vocab, params, 8, seed=0)
+        with torch.no_grad():
+            raw, _, _ = model.eval().activations(inputs)
+        measured[weights] = (raw.square().mean().item(), (raw[:, 1:] - raw[:, :-1]).square().mean().item(),
+                             result.history[-1]["val_loss"])
+    (size, jumps, val_loss), (reg_size, reg_jumps, reg_val_loss) = measured[(0.0, 0.0)], measured[(4.0, 4.0)]
+    assert reg_size < 0.8 * size and reg_jumps < 0.8 * jumps
+    assert reg_val_loss < val_loss + 1.0  # still a language model

@@ -133,6 +133,11 @@ class TrainParams(_Section):
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
     clip: float = Field(gt=0)
+    # AWD-LSTM's activation regularisers (Merity et al. 2017), added to the loss (0: off): ar times the mean
+    # square of the body's dropped-out output, tar times the mean square of its raw output's change from
+    # one position to the next (nextword.training.activation_penalty).
+    ar: float = Field(ge=0)
+    tar: float = Field(ge=0)
     device: Literal["auto", "cpu", "cuda"]
     threads: int = Field(ge=0)  # 0: torch's default for this machine
     # Stop after this many optimizer steps per epoch (0: the whole epoch);

@@ -137,6 +137,13 @@ class LanguageModel(nn.Module):
     def features(self, ids: torch.Tensor, state=None):
         """Run the body: ``[batch, time]`` ids and the state after the ids before them (None at the start)
         -> ``[batch, time, out_dim]`` features, the state after these ids."""
+        _, dropped, state = self.activations(ids, state)
+        return self.project(dropped), state
+
+    def activations(self, ids: torch.Tensor, state=None):
+        """What :meth:`features` computes before its projection: (the body's ``[batch, time, hidden]``
+        output, the same after dropout, the state after these ids). Training's activation regularisers
+        (``train.ar``, ``train.tar``: :func:`nextword.training.activation_penalty`) read both."""
         c = self.config
         x = self.embed(ids)
         if self.training and c.embedding_dropout:
@@ -145,10 +152,12 @@ class LanguageModel(nn.Module):
             x = x * keep[ids].unsqueeze(-1)
         x = dropout(x, c.dropout, c.locked_dropout, self.training)
         out, state = self.body(x, state)
-        out = dropout(out, c.dropout, c.locked_dropout, self.training)
-        if self.proj is not None:
-            out = self.proj(out)
-        return out, state
+        return out, dropout(out, c.dropout, c.locked_dropout, self.training), state
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """The body's (dropped-out) output -> the features the output layer reads (the same, unless tied
+        weights project it to the embedding's width)."""
+        return out if self.proj is None else self.proj(out)
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         """Log-probabilities over the vocabulary for features of any leading shape."""

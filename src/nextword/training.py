@@ -16,7 +16,10 @@ improvement. The learning rate follows ``schedule``: ``plateau`` cuts it by
 ``cosine`` warms it up linearly over ``warmup_steps`` optimizer steps, then
 decays it along a half cosine to zero at the last step of the last epoch
 (``LambdaLR``, stepped after every optimizer step), so ``epochs`` sets the
-budget the schedule spends.
+budget the schedule spends. ``ar`` and ``tar`` add AWD-LSTM's activation
+regularisers to the loss that is minimised (:func:`activation_penalty`); the
+curve's ``train_loss`` and ``train_perplexity`` are the cross-entropy alone, so
+they compare with validation's.
 
 Resuming: a checkpoint is written after every epoch (model, optimizer,
 scheduler, history, best weights, and every rank's torch/numpy/python RNG
@@ -260,14 +263,37 @@ class _WithLoss(nn.Module):
     rank gets no gradient there.
     """
 
-    def __init__(self, model: LanguageModel):
+    def __init__(self, model: LanguageModel, ar: float = 0.0, tar: float = 0.0):
         super().__init__()
         self.model = model
+        self.ar, self.tar = ar, tar
 
     def forward(self, inp, tgt, state):
-        feats, state = self.model.features(inp, state)
-        loss, count = self.model.loss(feats, tgt)
-        return loss, count, state
+        """(the mean cross-entropy, the activation penalty, the number of targets, the state after)."""
+        raw, dropped, state = self.model.activations(inp, state)
+        loss, count = self.model.loss(self.model.project(dropped), tgt)
+        return loss, activation_penalty(raw, dropped, tgt != PAD_ID, self.ar, self.tar), count, state
+
+
+def activation_penalty(raw: torch.Tensor, dropped: torch.Tensor, keep: torch.Tensor, ar: float,
+                       tar: float) -> torch.Tensor:
+    """AWD-LSTM's activation regularisers (Merity et al. 2017) over the ``[batch, time]`` positions ``keep``
+    marks (those with a target), in float32: ``ar`` times the mean square of the dropped-out output
+    ``dropped`` (AR, which keeps the activations small), plus ``tar`` times the mean square of the raw
+    output's change from one kept position to the next (TAR, which keeps them from jumping).
+
+    Both sums are divided by the number of kept positions, as the loss is; so under DDP, where each
+    rank's loss is weighted by its share of the targets, the ranks' penalties add up to that of the
+    whole batch. For full windows TAR is AWD-LSTM's times (length - 1) / length. Zero (and no work)
+    when both weights are 0.
+    """
+    if not (ar or tar):
+        return torch.zeros((), device=raw.device)
+    kept = keep.float()
+    count = kept.sum().clamp(min=1)
+    penalty = ar * (dropped.float().square().mean(-1) * kept).sum() / count
+    steps = kept[:, 1:] * kept[:, :-1]
+    return penalty + tar * ((raw[:, 1:] - raw[:, :-1]).float().square().mean(-1) * steps).sum() / count
 
 
 def _from_rank0(obj, world: int):
@@ -327,7 +353,7 @@ def train(
         log.info("training on %s in %s (train.precision %s)", device, "bf16" if amp_dtype else "fp32",
                  params.precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, fused=device.type in ("cpu", "cuda"))
-    runner = _WithLoss(model)
+    runner = _WithLoss(model, params.ar, params.tar)
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(
             runner, device_ids=[device.index] if device.type == "cuda" else None,
@@ -385,9 +411,9 @@ def train(
         for step in bar:
             batch = data[step].long()
             with autocast:
-                mean, count, state = runner(batch[:, :-1], batch[:, 1:], state)
+                mean, penalty, count, state = runner(batch[:, :-1], batch[:, 1:], state)
             # DDP averages gradients over ranks: scaled so, the average is the global batch's mean.
-            loss = mean * (count * world / float(global_targets[step]))
+            loss = (mean + penalty) * (count * world / float(global_targets[step]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), params.clip)
